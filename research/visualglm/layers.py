@@ -1,0 +1,89 @@
+"""Building blocks shared by the ViT, the Q-Former and the GLM.
+
+Dtype rule used everywhere: parameters are stored in `param_init_type`, matmuls run in `compute_dtype`,
+LayerNorm and softmax run in their own (float32) types, and the residual stream is kept in the
+LayerNorm type so that fp16 compute never accumulates rounding across layers.
+"""
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+# SAT fills masked attention scores with this value (`scores * m - 10000 * (1 - m)`).
+MASKED_SCORE = -10000.0
+
+
+class Linear(nn.Cell):
+    """y = x·Wᵀ + b with W stored `[out, in]` (transpose_b=True, like torch) or `[in, out]`."""
+
+    def __init__(self, in_channels, out_channels, has_bias=True, transpose_b=True,
+                 param_init_type=ms.float32, compute_dtype=ms.float32):
+        super().__init__()
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.has_bias = has_bias
+        self.compute_dtype = compute_dtype
+        shape = (out_channels, in_channels) if transpose_b else (in_channels, out_channels)
+        self.weight = Parameter(initializer(Normal(0.02), shape, param_init_type), name="weight")
+        self.bias = Parameter(initializer("zeros", (out_channels,), param_init_type), name="bias") \
+            if has_bias else None
+        self.matmul = ops.MatMul(transpose_b=transpose_b)
+
+    def construct(self, x):
+        out_shape = x.shape[:-1] + (self.out_channels,)
+        y = self.matmul(x.reshape(-1, self.in_channels).astype(self.compute_dtype),
+                        self.weight.astype(self.compute_dtype))
+        if self.has_bias:
+            y = y + self.bias.astype(self.compute_dtype)
+        return y.reshape(out_shape)
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis with `gamma`/`beta` (MindFormers names), computed in `compute_type`."""
+
+    def __init__(self, size, eps, param_init_type=ms.float32, compute_type=ms.float32):
+        super().__init__()
+        self.gamma = Parameter(initializer("ones", (size,), param_init_type), name="gamma")
+        self.beta = Parameter(initializer("zeros", (size,), param_init_type), name="beta")
+        self.compute_type = compute_type
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x):
+        y, _, _ = self.norm(x.astype(self.compute_type), self.gamma.astype(self.compute_type),
+                            self.beta.astype(self.compute_type))
+        return y
+
+
+class Embedding(nn.Cell):
+    """A lookup table named `embedding_table` (MindFormers name)."""
+
+    def __init__(self, vocab_size, hidden_size, param_init_type=ms.float32):
+        super().__init__()
+        self.embedding_table = Parameter(initializer(Normal(0.02), (vocab_size, hidden_size), param_init_type),
+                                         name="embedding_table")
+
+    def construct(self, ids):
+        return ops.gather(self.embedding_table, ids, 0)
+
+
+def split_heads(x, num_heads):
+    """[B, S, heads·d] -> [B, heads, S, d]."""
+    b, s, _ = x.shape
+    return x.reshape(b, s, num_heads, -1).transpose(0, 2, 1, 3)
+
+
+def merge_heads(x):
+    """[B, heads, S, d] -> [B, S, heads·d]."""
+    b, h, s, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, s, h * d)
+
+
+def attention(query, key, value, mask, softmax_dtype):
+    """softmax(Q·Kᵀ/√d, masked) · V for [B, heads, S, d] inputs. `mask` is boolean, True = may attend,
+    broadcastable to [B, heads, S_q, S_k], or None. Matmuls run in the inputs' dtype, softmax in
+    `softmax_dtype`."""
+    scale = ops.scalar_to_tensor(query.shape[-1] ** -0.5, query.dtype)
+    scores = ops.BatchMatMul(transpose_b=True)(query * scale, key).astype(softmax_dtype)
+    if mask is not None:
+        scores = ops.where(mask, scores, ops.scalar_to_tensor(MASKED_SCORE, softmax_dtype))
+    probs = ops.softmax(scores, axis=-1).astype(value.dtype)
+    return ops.BatchMatMul()(probs, value)

@@ -1,0 +1,161 @@
+"""The composite VisualGLM model: ViT → ln_vision → Q-Former → llm_proj → image slots of ChatGLM.
+
+Attribute names are the MindFormers port's (`visual_encoder`, `ln_vision`, `qformer`, `query_tokens`,
+`llm_proj`, `llm_model`), so checkpoints converted by its script load unchanged (spec §14).
+"""
+import os
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+from mindspore.nn.utils import no_init_parameters
+from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
+
+from visualglm.configuration import VisualGLMConfig, to_ms_dtype
+from visualglm.errors import UserError
+from visualglm.glm import GLMForCausalLM, glm_position_ids_and_mask
+from visualglm.layers import LayerNorm, Linear
+from visualglm.qformer import QFormer
+from visualglm.vit import EvaViT
+
+
+def splice_image_embeds(text_embeds, image_embeds, image_start):
+    """Replace rows image_start[b] … image_start[b] + N - 1 of text_embeds [B, S, H] with image_embeds
+    [B, N, H] (spec §9.2). A start outside [0, S - N] leaves that sample's text embeddings as they are."""
+    b, s, _ = text_embeds.shape
+    n = image_embeds.shape[1]
+    offset = ops.arange(s, dtype=ms.int32).reshape(1, s) - image_start.astype(ms.int32).reshape(b, 1)
+    onehot = (offset.reshape(b, s, 1) == ops.arange(n, dtype=ms.int32).reshape(1, 1, n))
+    inside = onehot.any(axis=-1, keep_dims=True)
+    placed = ops.BatchMatMul()(onehot.astype(image_embeds.dtype), image_embeds)
+    return ops.where(inside, placed.astype(text_embeds.dtype), text_embeds)
+
+
+@MindFormerRegister.register(MindFormerModuleType.MODELS)
+class VisualGLMModel(nn.Cell):
+    """VisualGLM-6B. `construct` computes logits from token ids, positions and mask, with an optional
+    image (pixel_values, or image_embeds already encoded) spliced at `image_start`; `logits`,
+    `encode_image` and `prefill`/`decode` are the Python-level API."""
+
+    def __init__(self, config: VisualGLMConfig):
+        super().__init__()
+        self.config = config
+        vc, qc, tc = config.vision_config, config.qformer_config, config.text_config
+        self.visual_encoder = EvaViT(vc)
+        self.ln_vision = LayerNorm(vc.hidden_size, config.ln_vision_eps, to_ms_dtype(config.dtype),
+                                   to_ms_dtype(config.layernorm_compute_type))
+        self.qformer = QFormer(qc)
+        self.query_tokens = Parameter(initializer(Normal(0.02), (1, qc.query_length, qc.hidden_size),
+                                                  to_ms_dtype(config.dtype)), name="query_tokens")
+        self.llm_proj = Linear(qc.hidden_size, tc.hidden_size, param_init_type=to_ms_dtype(config.dtype),
+                               compute_dtype=to_ms_dtype(config.compute_dtype))
+        self.llm_model = GLMForCausalLM(tc)
+        self.residual_dtype = to_ms_dtype(config.layernorm_compute_type)
+        if config.freeze_vision:
+            for param in self.visual_encoder.get_parameters():
+                param.requires_grad = False
+        if config.freeze_text:
+            for param in self.llm_model.get_parameters():
+                param.requires_grad = False
+
+    # ----- graph parts -----
+    def _encode_image(self, pixel_values):
+        image = self.ln_vision(self.visual_encoder(pixel_values))
+        queries = ops.broadcast_to(self.query_tokens.astype(self.residual_dtype),
+                                   (image.shape[0],) + self.query_tokens.shape[1:])
+        return self.llm_proj(self.qformer(queries, image)).astype(self.residual_dtype)
+
+    @ms.jit
+    def encode_image(self, pixel_values):
+        """pixel_values [B, 3, H, W] -> image embeddings [B, queries, GLM hidden]."""
+        return self._encode_image(pixel_values)
+
+    def embed(self, input_ids, image_embeds=None, image_start=None):
+        """Word embeddings of input_ids with the image embeddings spliced at image_start ([B] int32)."""
+        embeds = self.llm_model.transformer.word_embeddings(input_ids).astype(self.residual_dtype)
+        if image_embeds is not None:
+            embeds = splice_image_embeds(embeds, image_embeds, image_start)
+        return embeds
+
+    def construct(self, input_ids, position_ids, attention_mask, pixel_values=None, image_embeds=None,
+                  image_start=None, cache_index=None, logits_index=None):
+        if pixel_values is not None:
+            image_embeds = self._encode_image(pixel_values)
+        embeds = self.embed(input_ids, image_embeds, image_start)
+        return self.llm_model(embeds, position_ids, attention_mask, cache_index, logits_index)
+
+    # ----- Python API -----
+    def glm_inputs(self, input_ids, length=None):
+        """Positions [B, 2, L] and mask [B, L, L] for input_ids (numpy), built from the ids (spec §7.4)."""
+        tc = self.config.text_config
+        return glm_position_ids_and_mask(input_ids, tc.bos_token_id, tc.gmask_token_id, tc.mask_token_id, length)
+
+    def logits(self, input_ids, pixel_values=None, image_embeds=None, image_start=None):
+        """Full-recompute logits [B, S, vocab] (numpy) of input_ids [B, S]. With an image (pixel_values or
+        image_embeds), image_start ([B] or an int) is the index of the first image slot: the number of
+        tokens before it, measured by the caller from its tokenized prompt."""
+        input_ids = np.asarray(input_ids, np.int32)
+        positions, mask = self.glm_inputs(input_ids)
+        if pixel_values is not None or image_embeds is not None:
+            if image_start is None:
+                raise ValueError("an image needs image_start: the index of its first slot in input_ids")
+            image_start = Tensor(np.broadcast_to(np.asarray(image_start, np.int32), (input_ids.shape[0],)).copy())
+        if pixel_values is not None:
+            image_embeds = self.encode_image(Tensor(np.asarray(pixel_values, np.float32)))
+        elif image_embeds is not None and not isinstance(image_embeds, Tensor):
+            image_embeds = Tensor(np.asarray(image_embeds, np.float32))
+        out = self(Tensor(input_ids), Tensor(positions), Tensor(mask), None, image_embeds, image_start)
+        return out.asnumpy()
+
+
+def build_model(config, *, delay_init=False):
+    """Build VisualGLMModel; with delay_init no weight memory is allocated until a checkpoint is loaded."""
+    if delay_init:
+        with no_init_parameters():
+            return VisualGLMModel(config)
+    return VisualGLMModel(config)
+
+
+# Names the MindFormers converter wrote that no parameter reads (spec §14.3, §14.5).
+_IGNORED_CHECKPOINT_SUFFIXES = (".rotary_emb.inv_freq", "transformer.position_embeddings.embedding_table")
+
+
+def _is_cache(name):
+    return name.endswith(".key_past") or name.endswith(".value_past")
+
+
+class CheckpointMismatchError(UserError):
+    """A checkpoint that does not fit the model's parameters (names or shapes)."""
+
+
+def load_weights(model, *, vit=None, qformer=None, glm=None, strict=True):
+    """Load the converted ViT, Q-Former (with ln_vision, query_tokens, llm_proj) and GLM checkpoints
+    (spec §14.6). GLM names carry no `llm_model.` prefix in the file. Every tensor's shape is checked;
+    with `strict`, model parameters no file provides are an error. Returns the loaded names."""
+    params = {p.name: p for p in model.get_parameters()}
+    loaded = {}
+    for path, prefix, part in ((vit, "", "visual_encoder."), (qformer, "", None), (glm, "llm_model.", None)):
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        for name, value in ms.load_checkpoint(path).items():
+            if name.endswith(_IGNORED_CHECKPOINT_SUFFIXES) or _is_cache(name):
+                continue
+            if part is not None and not name.startswith(part):
+                continue  # the MindFormers ViT file also carries ln_vision, which the Q-Former file provides
+            target = prefix + name
+            if target not in params:
+                raise CheckpointMismatchError(f"{path}: parameter {name!r} does not exist in the model")
+            if tuple(value.shape) != tuple(params[target].shape):
+                raise CheckpointMismatchError(
+                    f"{path}: {name!r} has shape {tuple(value.shape)}, the model expects "
+                    f"{tuple(params[target].shape)} (is the config the checkpoint's?)")
+            loaded[target] = Parameter(value.astype(params[target].dtype), name=target)
+    missing = sorted(n for n in params if n not in loaded and not _is_cache(n))
+    if strict and missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointMismatchError(f"{len(missing)} model parameters are in no checkpoint: {shown}")
+    ms.load_param_into_net(model, loaded, strict_load=False)
+    return sorted(loaded)

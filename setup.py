@@ -1,0 +1,27 @@
+"""VisualGLM-6B for MindSpore: the `visualglm` package lives in research/visualglm/."""
+from setuptools import setup
+
+setup(
+    name="visualglm-mindspore",
+    version="0.1.0",
+    description="VisualGLM-6B (EVA-CLIP ViT + BLIP-2 Q-Former + ChatGLM-6B) ported to MindSpore",
+    python_requires=">=3.9,<3.12",
+    package_dir={"": "research"},
+    packages=["visualglm"],
+    package_data={"visualglm": ["*.yaml"]},
+    install_requires=[
+        "mindspore==2.9.0",
+        "mindformers==1.9.0",
+        "mindpet==1.0.4",
+        "numpy<2",
+        "pillow",
+        "sentencepiece",
+        "pyyaml",
+        "tqdm",
+    ],
+    extras_require={
+        # torch only reads PyTorch (SAT) checkpoints in convert_weight.py; 2.13.0 is the local CPU wheel.
+        "convert": ["torch==2.13.0"],
+        "test": ["torch==2.13.0", "pytest"],
+    },
+)
