@@ -32,7 +32,7 @@ def splice_image_embeds(text_embeds, image_embeds, image_start):
     return ops.where(inside, placed.astype(text_embeds.dtype), text_embeds)
 
 
-@MindFormerRegister.register(MindFormerModuleType.MODELS)
+@MindFormerRegister.register(MindFormerModuleType.MODELS, search_names="VisualGLMImageToTextGeneration")
 class VisualGLMModel(nn.Cell):
     """VisualGLM-6B. `construct` computes logits from token ids, positions and mask, with an optional
     image (pixel_values, or image_embeds already encoded) spliced at `image_start`; `logits`,
@@ -108,13 +108,55 @@ class VisualGLMModel(nn.Cell):
         out = self(Tensor(input_ids), Tensor(positions), Tensor(mask), None, image_embeds, image_start)
         return out.asnumpy()
 
+    def intermediates(self, pixel_values, input_ids, image_start):
+        """Every stage of an image prompt as numpy arrays, for checking a port against upstream:
+        vit_out (after ln_vision), qformer_out, image_embeds, input_embeds, glm_final_hidden, logits."""
+        input_ids = np.asarray(input_ids, np.int32)
+        positions, mask = self.glm_inputs(input_ids)
+        start = Tensor(np.broadcast_to(np.asarray(image_start, np.int32), (input_ids.shape[0],)).copy())
+        vit_out = self.ln_vision(self.visual_encoder(Tensor(np.asarray(pixel_values, np.float32))))
+        queries = ops.broadcast_to(self.query_tokens, (vit_out.shape[0],) + self.query_tokens.shape[1:])
+        qformer_out = self.qformer(queries, vit_out)
+        image_embeds = self.llm_proj(qformer_out).astype(self.residual_dtype)
+        input_embeds = self.embed(Tensor(input_ids), image_embeds, start)
+        hidden = self.llm_model.transformer(input_embeds, Tensor(positions), Tensor(mask))
+        logits = self.llm_model.lm_head(hidden)
+        stages = dict(vit_out=vit_out, qformer_out=qformer_out, image_embeds=image_embeds,
+                      input_embeds=input_embeds, glm_final_hidden=hidden, logits=logits)
+        return {name: value.astype(ms.float32).asnumpy() for name, value in stages.items()}
 
-def build_model(config, *, delay_init=False):
-    """Build VisualGLMModel; with delay_init no weight memory is allocated until a checkpoint is loaded."""
-    if delay_init:
+
+def build_model(config, *, delay_init=False, load_checkpoints=False):
+    """Build VisualGLMModel. With delay_init no weight memory is allocated until a checkpoint is loaded;
+    with load_checkpoints the three checkpoints the config names are loaded (see configured_checkpoints)."""
+    if delay_init or load_checkpoints:
         with no_init_parameters():
-            return VisualGLMModel(config)
-    return VisualGLMModel(config)
+            model = VisualGLMModel(config)
+    else:
+        model = VisualGLMModel(config)
+    if load_checkpoints:
+        load_weights(model, **configured_checkpoints(config))
+    return model
+
+
+def configured_checkpoints(config):
+    """The checkpoint paths a config names: {'vit', 'qformer', 'glm'} (MindFormers places them in
+    vision_config, the model config and text_config). Missing files are one error naming each file
+    and how to produce it."""
+    paths = {"vit": getattr(config.vision_config, "checkpoint_name_or_path", None),
+             "qformer": config.checkpoint_name_or_path,
+             "glm": getattr(config.text_config, "checkpoint_name_or_path", None)}
+    keys = {"vit": "model_config.vision_config.checkpoint_name_or_path",
+            "qformer": "model_config.checkpoint_name_or_path",
+            "glm": "model_config.text_config.checkpoint_name_or_path"}
+    missing = [f"{part} ({keys[part]}: {paths[part] or 'not set'})" for part in paths
+               if not paths[part] or not os.path.isfile(paths[part])]
+    if missing:
+        raise UserError("checkpoint(s) not found: " + "; ".join(missing) + ". Convert the SAT VisualGLM-6B "
+                        "checkpoint with `python research/visualglm/convert_weight.py --torch_path <sat folder> "
+                        "--vit_mindspore_path ... --qformer_mindspore_path ... --glm_mindspore_path ...` "
+                        "and put the paths in the yaml")
+    return paths
 
 
 # Names the MindFormers converter wrote that no parameter reads (spec §14.3, §14.5).
@@ -152,10 +194,11 @@ def load_weights(model, *, vit=None, qformer=None, glm=None, strict=True):
                 raise CheckpointMismatchError(
                     f"{path}: {name!r} has shape {tuple(value.shape)}, the model expects "
                     f"{tuple(params[target].shape)} (is the config the checkpoint's?)")
-            loaded[target] = Parameter(value.astype(params[target].dtype), name=target)
+            loaded[target] = value
     missing = sorted(n for n in params if n not in loaded and not _is_cache(n))
     if strict and missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointMismatchError(f"{len(missing)} model parameters are in no checkpoint: {shown}")
-    ms.load_param_into_net(model, loaded, strict_load=False)
+    for name, value in loaded.items():
+        params[name].set_data(value.astype(params[name].dtype))
     return sorted(loaded)
