@@ -60,3 +60,55 @@ def tiny_model(tiny_checkpoints):
 def rel_error(actual, expected):
     """max|actual - expected| / max|expected|."""
     return float(np.abs(np.asarray(actual, np.float64) - expected).max() / np.abs(expected).max())
+
+
+# ---- A tiny ChatGLM-6B-style SentencePiece model (tests/test_tokenization.py, tests/test_processing.py) ----
+TEST_DATA = Path(__file__).resolve().parent / "data"
+CHATGLM_USER_SYMBOLS = ["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, 81)]
+CHATGLM_CONTROL_SYMBOLS = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
+
+
+def train_chatglm_sp_model(out_dir, name="ice_text_tiny", normalization="identity", vocab_size=1000,
+                           chatglm_symbols=True):
+    """Train a small unigram SentencePiece model on tests/data/bilingual_corpus.txt with ChatGLM-6B's
+    pieces (<n>, <|tab|>, <|blank_2..80|> as user-defined symbols; [MASK], [gMASK], [sMASK], <sop>, <eop>
+    ... as control symbols; <unk>/<s>/</s>/<pad> at 0..3) and byte fallback. Deterministic and < 1 s."""
+    import sentencepiece as spm
+    spm.set_random_generator_seed(1234)
+    prefix = os.path.join(str(out_dir), name)
+    extra = dict(user_defined_symbols=CHATGLM_USER_SYMBOLS, control_symbols=CHATGLM_CONTROL_SYMBOLS) \
+        if chatglm_symbols else {}
+    with open(os.devnull, "w") as sink:
+        spm.SentencePieceTrainer.train(
+            input=str(TEST_DATA / "bilingual_corpus.txt"), model_prefix=prefix, model_type="unigram",
+            vocab_size=vocab_size, character_coverage=0.995, byte_fallback=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, pad_piece="<pad>",
+            normalization_rule_name=normalization, remove_extra_whitespaces=False,
+            num_threads=1, input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2,
+            logstream=sink, **extra)
+    return prefix + ".model"
+
+
+@pytest.fixture(scope="session")
+def chatglm_vocab_file(tmp_path_factory):
+    """Identity normalisation: every text round-trips exactly."""
+    return train_chatglm_sp_model(tmp_path_factory.mktemp("sp_identity"))
+
+
+@pytest.fixture(scope="session")
+def chatglm_nfkc_vocab_file(tmp_path_factory):
+    """NFKC normalisation like ice_text.model: full-width punctuation comes back as ASCII."""
+    return train_chatglm_sp_model(tmp_path_factory.mktemp("sp_nfkc"), normalization="nmt_nfkc")
+
+
+@pytest.fixture(scope="session")
+def chatglm_tokenizer(chatglm_vocab_file):
+    from visualglm.tokenization import ChatGLMTokenizer
+    return ChatGLMTokenizer(chatglm_vocab_file)
+
+
+@pytest.fixture(scope="session")
+def chatglm_sp(chatglm_vocab_file):
+    """The same model through SentencePiece directly (the independent reference)."""
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_file=chatglm_vocab_file)

@@ -282,6 +282,12 @@ def convert_checkpoint(torch_path, outputs, config=None, qkv_layout="block", sho
     from visualglm.configuration import VisualGLMConfig, load_config
     if not outputs:
         raise ConversionError("nothing to convert: every part's convert flag is 0")
+    lite = os.path.join(os.path.dirname(os.path.abspath(outputs["glm"])), "glm_6b_for_lite.ckpt") \
+        if "glm" in outputs else None
+    targets = [os.path.abspath(p) for p in outputs.values()] + ([lite] if lite else [])
+    clash = sorted({t for t in targets if targets.count(t) > 1})
+    if clash:
+        raise ConversionError(f"two outputs would be written to the same file: {', '.join(clash)}")
     pt_path, sat_config = resolve_sat_path(torch_path)
     if config is None:
         config = VisualGLMConfig.from_sat_config(sat_config) if sat_config else VisualGLMConfig()
@@ -296,8 +302,7 @@ def convert_checkpoint(torch_path, outputs, config=None, qkv_layout="block", sho
         progress = lambda items: tqdm(items, desc="converting", unit="tensor")  # noqa: E731
     converted = convert_state_dict(state, config, parts=tuple(outputs), qkv_layout=qkv_layout, progress=progress)
     files = {outputs[part]: converted[part] for part in outputs}
-    if "glm" in outputs:
-        lite = os.path.join(os.path.dirname(os.path.abspath(outputs["glm"])), "glm_6b_for_lite.ckpt")
+    if lite:
         name = "transformer.word_embeddings.embedding_table"
         files[lite] = {name: converted["glm"][name]}
     save_checkpoints(files)
