@@ -7,6 +7,8 @@ Prompts of different lengths share a batch: they are right-padded and every samp
 positions, mask row and cache column.
 """
 import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 from mindspore import Tensor
@@ -122,20 +124,122 @@ class CachedDecoder(_Decoder):
 
 def greedy_search(decoder, max_new_tokens, eos_token_id):
     """Greedy decoding: returns (new token ids per sample, the logits each step chose from [steps, B, V]).
-    A sample stops at eos (included); finished samples keep feeding eos until all are done."""
-    logits = decoder.start()
-    batch = logits.shape[0]
-    outputs = [[] for _ in range(batch)]
-    done = np.zeros(batch, bool)
-    step_logits = []
-    for step in range(max_new_tokens):
+    A sample stops at eos (included)."""
+    outputs, step_logits = [[] for _ in range(decoder.batch)], []
+    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    for tokens, logits in stream_tokens(decoder, config, eos_token_id, return_logits=True):
         step_logits.append(logits)
-        tokens = np.where(done, eos_token_id, logits.argmax(-1))
-        for b in range(batch):
-            if not done[b]:
-                outputs[b].append(int(tokens[b]))
-        done |= tokens == eos_token_id
-        if done.all() or step == max_new_tokens - 1:
-            break
-        logits = decoder.step(tokens)
+        for out, token in zip(outputs, tokens):
+            if token is not None:
+                out.append(token)
     return outputs, np.stack(step_logits)
+
+
+@dataclass
+class GenerationConfig:
+    """How to pick tokens and when to stop.
+
+    max_new_tokens / max_length (prompt + answer) bound the answer; None means "up to the model's
+    seq_length". Sampling follows SAT's BaseStrategy (spec §13.3): logits are divided by
+    temperature × (repetition_penalty for every id generated so far), banned ids are set to -65504,
+    then top-k and top-p filtering, softmax and a multinomial draw."""
+    max_new_tokens: Optional[int] = None
+    max_length: Optional[int] = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    banned_token_ranges: Sequence[Tuple[int, int]] = ()
+    seed: Optional[int] = None
+
+    def check(self):
+        if self.temperature <= 0:
+            raise UserError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.top_p <= 1:
+            raise UserError(f"top_p must be in [0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            raise UserError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("max_new_tokens", "max_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"{name} must be >= 1, got {value}")
+        return self
+
+
+FILTER_VALUE = -65504.0  # SAT's fill value for removed tokens (the fp16 minimum)
+
+
+def process_logits(logits, generated, config):
+    """SAT BaseStrategy scoring of one sample's next-token logits [V] given the ids generated so far."""
+    logits = logits.astype(np.float32, copy=True)
+    divisor = np.full_like(logits, config.temperature)
+    if config.repetition_penalty != 1 and generated:
+        divisor[np.asarray(generated)] *= config.repetition_penalty
+    logits /= divisor
+    for low, high in config.banned_token_ranges:
+        logits[low:high] = FILTER_VALUE
+    if config.top_k > 0:
+        kth = np.partition(logits, -config.top_k)[-config.top_k]
+        logits[logits < kth] = FILTER_VALUE
+    if 0 < config.top_p < 1:
+        order = np.argsort(-logits, kind="stable")
+        probs = _softmax(logits[order])
+        remove = np.cumsum(probs) > config.top_p
+        remove[1:] = remove[:-1].copy()   # keep the token that crosses top_p
+        remove[0] = False
+        logits[order[remove]] = FILTER_VALUE
+    return logits
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def stream_tokens(decoder, config, eos_token_id, return_logits=False):
+    """Yield, after every step, the new token of each sample (None once it has finished). Stops when all
+    samples produced eos or reached max_new_tokens / max_length. With return_logits, yields
+    (tokens, the [B, V] logits they were chosen from)."""
+    config.check()
+    longest = int(decoder.lengths.max())
+    budget = decoder.max_length - longest
+    if config.max_length is not None:
+        if config.max_length > decoder.max_length:
+            raise SequenceTooLongError(f"max_length {config.max_length} exceeds the model's seq_length "
+                                       f"{decoder.max_length}: raise seq_length")
+        budget = config.max_length - longest
+    if config.max_new_tokens is not None:
+        if config.max_new_tokens > decoder.max_length - longest:
+            raise SequenceTooLongError(
+                f"prompt of {longest} tokens + max_new_tokens {config.max_new_tokens} exceeds the model's "
+                f"seq_length {decoder.max_length}: raise seq_length or lower max_new_tokens")
+        budget = min(budget, config.max_new_tokens)
+    if budget < 1:
+        raise SequenceTooLongError(f"prompt of {longest} tokens leaves no room within max_length {config.max_length}")
+    rng = np.random.default_rng(config.seed)
+    generated = [[] for _ in range(decoder.batch)]
+    done = np.zeros(decoder.batch, bool)
+    logits = decoder.start()
+    for step in range(budget):
+        tokens = []
+        for b in range(decoder.batch):
+            if done[b]:
+                tokens.append(None)
+            elif config.do_sample:
+                scores = process_logits(logits[b], generated[b], config)
+                tokens.append(int(rng.choice(scores.shape[0], p=_softmax(scores.astype(np.float64)))))
+            elif config.repetition_penalty != 1 or config.banned_token_ranges:
+                tokens.append(int(process_logits(logits[b], generated[b], config).argmax()))
+            else:
+                tokens.append(int(logits[b].argmax()))
+        for b, token in enumerate(tokens):
+            if token is not None:
+                generated[b].append(token)
+                done[b] |= token == eos_token_id
+        yield (tokens, logits) if return_logits else tokens
+        if done.all() or step == budget - 1:
+            return
+        logits = decoder.step([eos_token_id if t is None else t for t in tokens])

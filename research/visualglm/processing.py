@@ -56,10 +56,8 @@ def _from_array(array, name):
         raise UserError(f"{name}: expected a uint8 array (HxW or HxWxC with C in 1, 3, 4)")
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
-    if array.ndim == 2:
-        return Image.fromarray(np.ascontiguousarray(array), "L")
-    if array.ndim == 3 and array.shape[2] in (3, 4):
-        return Image.fromarray(np.ascontiguousarray(array), "RGB" if array.shape[2] == 3 else "RGBA")
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (3, 4)):
+        return Image.fromarray(np.ascontiguousarray(array))  # uint8: L, RGB or RGBA
     raise UserError(f"{name}: expected a uint8 array (HxW or HxWxC with C in 1, 3, 4)")
 
 
@@ -176,14 +174,18 @@ _PUNCT_PAIRS = ((",", "，"), ("!", "！"), (":", "："), (";", "；"), ("?", "�
 
 def process_response(text, english=False):
     """Clean a decoded answer (spec §13.2): strip, `[[训练时间]]` -> `2023年`, ASCII , ! : ; ? next to a CJK
-    character -> full width, then keep the text after the last `答：` (`A:` in English mode), stripped."""
+    character -> full width, then keep the text after the last `答：` (`A:` in English mode), stripped.
+
+    English mode also splits on `A：`, which the full-width step itself makes of `A:` before a CJK character
+    (upstream then fails to cut the prompt off)."""
     text = text.strip().replace("[[训练时间]]", "2023年")
     for ascii_mark, full in _PUNCT_PAIRS:
         mark = re.escape(ascii_mark)
         text = re.sub(rf"([{_CJK}]){mark}", rf"\g<1>{full}", text)
         text = re.sub(rf"{mark}([{_CJK}])", rf"{full}\g<1>", text)
-    sep = "A:" if english else "答："
-    return text.split(sep)[-1].strip()
+    if english:
+        return re.split("A[:：]", text)[-1].strip()
+    return text.split("答：")[-1].strip()
 
 
 @MindFormerRegister.register(MindFormerModuleType.PROCESSOR)

@@ -1,0 +1,152 @@
+"""The upstream PyTorch peer of our GLM for benchmarks: SwissArmyTransformer 0.4.12's `ChatGLMModel`
+(`sat.model.official.chatglm_model`), run single-process on the CPU, with our GLM weights copied in.
+
+Install (no deepspeed, no CUDA torch; the CPU torch already installed is used):
+
+    pip install --no-deps SwissArmyTransformer==0.4.12
+    pip install einops
+
+SAT's other declared dependencies (sentencepiece, tensorboardX, datasets, transformers) are already
+present here; deepspeed, cpm-kernels, boto3 and webdataset are not needed to build and run `ChatGLMModel`
+(sat/__init__ only warns that deepspeed is missing). One import does fail: `sat.model.position_embedding`
+imports its triton rotary kernel module, which imports `triton`. ChatGLM never uses that kernel (its
+rotary embedding is `RotaryEmbedding` in plain torch), so `import_sat()` puts a stand-in for
+`sat.model.position_embedding.triton_rotary_embeddings` into `sys.modules` (only in this process) before
+importing SAT. Nothing named `triton` is faked, so other libraries' triton detection is unaffected.
+
+Everything here follows SAT's own generation path: `filling_sequence` with `CachedAutoregressiveMixin`
+(prefill once, then one token per forward with `mems` grown by `update_mems`), and, without the mixin, a
+full forward over the whole sequence per token. Masks and positions come from `ChatGLMModel.get_inputs`.
+"""
+import argparse
+import sys
+import types
+
+import numpy as np
+
+_TRITON_MODULE = "sat.model.position_embedding.triton_rotary_embeddings"
+
+
+def import_sat():
+    """Import torch and SAT's ChatGLM pieces; returns a namespace with what the peer needs."""
+    if _TRITON_MODULE not in sys.modules:
+        stand_in = types.ModuleType(_TRITON_MODULE)
+
+        class FastRotaryEmbedding:  # pylint: disable=too-few-public-methods
+            def __init__(self, *args, **kwargs):
+                raise RuntimeError("triton rotary embeddings are not available in this benchmark")
+
+        stand_in.FastRotaryEmbedding = FastRotaryEmbedding
+        sys.modules[_TRITON_MODULE] = stand_in
+    import torch
+    import sat
+    from sat.model.base_model import BaseMixin
+    from sat.model.official.chatglm_model import ChatGLMModel
+    from sat.model.cached_autoregressive_model import CachedAutoregressiveMixin
+    from sat.generation.autoregressive_sampling import update_mems
+    return types.SimpleNamespace(torch=torch, version=sat.__version__, BaseMixin=BaseMixin,
+                                 ChatGLMModel=ChatGLMModel, CachedAutoregressiveMixin=CachedAutoregressiveMixin,
+                                 update_mems=update_mems)
+
+
+def _image_mixin_class(sat):
+    class ImageSpliceMixin(sat.BaseMixin):
+        """Word embeddings with image embeddings in place of the image slots, as VisualGLM's image mixin
+        does on the forward that sees the whole prompt (decode steps see one token and pass through)."""
+
+        def word_embedding_forward(self, input_ids, output_cross_layer, **kw_args):
+            embeds = self.transformer.word_embeddings(input_ids)
+            image = kw_args.get("image_embeds")
+            start = kw_args.get("image_start")
+            if image is not None and input_ids.shape[1] >= start + image.shape[1]:
+                end = start + image.shape[1]
+                embeds = sat.torch.cat((embeds[:, :start], image.to(embeds.dtype), embeds[:, end:]), dim=1)
+            return embeds
+
+    return ImageSpliceMixin
+
+
+class SATPeer:
+    """SAT ChatGLMModel at the sizes of our GLMConfig `tc`, weights copied from `glm_params`
+    ({our parameter name without 'llm_model.': numpy array})."""
+
+    def __init__(self, tc, glm_params, threads=2):
+        self.sat = sat = import_sat()
+        torch = sat.torch
+        torch.set_num_threads(threads)
+        args = argparse.Namespace(
+            num_layers=tc.num_layers, hidden_size=tc.hidden_size, num_attention_heads=tc.num_heads,
+            vocab_size=tc.vocab_size, max_sequence_length=max(2048, tc.seq_length),
+            inner_hidden_size=tc.inner_hidden_size, hidden_size_per_attention_head=tc.hidden_size_per_attention_head,
+            layernorm_order="post", layernorm_epsilon=tc.layernorm_epsilon, skip_init=True,
+            use_gpu_initialization=False, model_parallel_size=1, bos_token_id=tc.bos_token_id,
+            mask_token_id=tc.mask_token_id, gmask_token_id=tc.gmask_token_id, pad_token_id=tc.pad_token_id)
+        self.model = sat.ChatGLMModel(args)
+        self.model.add_mixin("image", _image_mixin_class(sat)())
+        self.model.add_mixin("auto-regressive", sat.CachedAutoregressiveMixin())
+        self.model.eval()
+        self._copy_weights(glm_params)
+
+    @staticmethod
+    def sat_name(ours):
+        """Our GLM parameter name (without 'llm_model.') -> SAT's."""
+        if ours == "lm_head.weight":
+            return "mixins.chatglm-final.lm_head.weight"
+        if ours == "transformer.word_embeddings.embedding_table":
+            return "transformer.word_embeddings.weight"
+        return ours.replace(".gamma", ".weight").replace(".beta", ".bias")
+
+    def _copy_weights(self, glm_params):
+        torch = self.sat.torch
+        target = dict(self.model.named_parameters())
+        missing = set(target)
+        with torch.no_grad():
+            for name, value in glm_params.items():
+                sat_name = self.sat_name(name)
+                if sat_name not in target:
+                    raise KeyError(f"{name} -> {sat_name}: no such SAT parameter")
+                if tuple(target[sat_name].shape) != tuple(value.shape):
+                    raise ValueError(f"{sat_name}: SAT {tuple(target[sat_name].shape)} vs ours {value.shape}")
+                target[sat_name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+                missing.discard(sat_name)
+        if missing:
+            raise KeyError(f"SAT parameters not set from our weights: {sorted(missing)}")
+
+    def set_cache(self, enabled):
+        """With the cache, CachedAutoregressiveMixin (SAT's decoding path); without it, plain forwards."""
+        has = "auto-regressive" in self.model.mixins
+        if enabled and not has:
+            self.model.add_mixin("auto-regressive", self.sat.CachedAutoregressiveMixin())
+        elif not enabled and has:
+            self.model.del_mixin("auto-regressive")
+
+    def inputs(self, ids):
+        """SAT's own mask [1, 1, L, L] (float, 1 = may attend) and positions [1, 2, L] for the full ids."""
+        torch = self.sat.torch
+        ids = torch.tensor([ids], dtype=torch.long)
+        mask, positions = self.model.get_inputs(ids)
+        return ids, mask, positions
+
+    def forward(self, ids, mask, positions, start, stop, mems=None, image=None, image_start=None):
+        """One SAT forward of tokens start … stop-1 attending to columns 0 … stop-1 (cached columns from
+        `mems`), as filling_sequence slices them. Returns (last-row logits [1, V], per-layer outputs)."""
+        logits, *per_layer = self.model(input_ids=ids[:, start:stop], position_ids=positions[..., start:stop],
+                                        attention_mask=mask[..., start:stop, :stop], mems=mems,
+                                        image_embeds=image, image_start=image_start)
+        return logits[:, -1], per_layer
+
+    def prefill(self, ids, mask, positions, length, image=None, image_start=None):
+        """Prompt forward with the cache: (logits [1, V], mems)."""
+        logits, per_layer = self.forward(ids, mask, positions, 0, length, None, image, image_start)
+        mems = self.sat.update_mems([o["mem_kv"] for o in per_layer], None, max_memory_length=100000)
+        return logits, mems
+
+    def decode(self, ids, mask, positions, position, mems):
+        """One cached step for the token at `position` (already in ids): (logits [1, V], new mems)."""
+        logits, per_layer = self.forward(ids, mask, positions, position, position + 1, mems)
+        mems = self.sat.update_mems([o["mem_kv"] for o in per_layer], mems, max_memory_length=100000)
+        return logits, mems
+
+    def recompute(self, ids, mask, positions, length, image=None, image_start=None):
+        """Full forward over tokens 0 … length-1 (no cache): logits [1, V] of the last one."""
+        return self.forward(ids, mask, positions, 0, length, None, image, image_start)[0]
