@@ -154,9 +154,9 @@ def decode_loop(decoder, steps, feed=None):
     outs, fed = [], []
     elapsed = 0.0
     for i in range(steps):
+        start = time.perf_counter()
         token = int(logits[0].argmax()) if feed is None else feed[i]
         fed.append(token)
-        start = time.perf_counter()
         logits = decoder.step([token])
         elapsed += time.perf_counter() - start
         outs.append(logits)

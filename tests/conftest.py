@@ -112,3 +112,67 @@ def chatglm_sp(chatglm_vocab_file):
     """The same model through SentencePiece directly (the independent reference)."""
     import sentencepiece as spm
     return spm.SentencePieceProcessor(model_file=chatglm_vocab_file)
+
+
+# ---- A random tiny VisualGLM whose vocabulary is the test tokenizer's (chat, pipeline and script tests) ----
+def tokenizer_matched_config(tokenizer, batch_size=1, use_past=True, seq_length=128, compute_dtype="float32"):
+    """Fixture-sized VisualGLM with the tokenizer's vocabulary size and special-token ids."""
+    from visualglm.configuration import VisualGLMConfig
+    return VisualGLMConfig.from_sat_config(
+        str(FIXTURE / "checkpoint"), compute_dtype=compute_dtype, batch_size=batch_size,
+        text_config=dict(vocab_size=tokenizer.vocab_size, seq_length=seq_length, use_past=use_past,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         mask_token_id=tokenizer.mask_token_id, gmask_token_id=tokenizer.gmask_token_id,
+                         smask_token_id=tokenizer.smask_token_id, pad_token_id=tokenizer.pad_token_id))
+
+
+def randomize_weights(model, seed=0):
+    """O(1) activations and clear logit margins: N(0, 1/fan_in) weights, LayerNorm gains 1 ± 0.1."""
+    rng = np.random.default_rng(seed)
+    for param in model.get_parameters():
+        if param.name.endswith(("key_past", "value_past")):
+            continue
+        shape = tuple(param.shape)
+        if param.name.endswith("gamma"):
+            value = 1 + 0.1 * rng.standard_normal(shape)
+        elif param.name.endswith(("beta", "bias")):
+            value = 0.1 * rng.standard_normal(shape)
+        elif len(shape) >= 2 and not param.name.endswith(("embedding_table", "query_tokens", "pos_embed",
+                                                          "cls_tokens")):
+            fan_in = shape[-1] if not param.name.endswith(("projection.weight", "mapping.weight")) else shape[0]
+            if param.name.endswith("patch_embed.proj.weight"):
+                fan_in = int(np.prod(shape[1:]))
+            value = rng.standard_normal(shape) / np.sqrt(fan_in)
+        else:
+            value = rng.standard_normal(shape)
+        param.set_data(ms.Tensor(value.astype(np.float32)))
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoint(tmp_path_factory, chatglm_tokenizer):
+    """Random weights of the tokenizer-matched tiny model, saved once so every model built from it is equal."""
+    from visualglm.modeling import build_model
+    model = build_model(tokenizer_matched_config(chatglm_tokenizer, use_past=False))
+    randomize_weights(model)
+    path = str(tmp_path_factory.mktemp("chat_model") / "random.ckpt")
+    ms.save_checkpoint(model, path)
+    return path
+
+
+def load_chat_model(tokenizer, checkpoint, **config_kwargs):
+    from visualglm.modeling import build_model
+    model = build_model(tokenizer_matched_config(tokenizer, **config_kwargs))
+    ms.load_param_into_net(model, ms.load_checkpoint(checkpoint))
+    model.set_train(False)
+    return model
+
+
+@pytest.fixture(scope="session")
+def chat_model(chatglm_tokenizer, chat_checkpoint):
+    return load_chat_model(chatglm_tokenizer, chat_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def chat_processor(chatglm_tokenizer, chat_model):
+    from visualglm.processing import VisualGLMProcessor
+    return VisualGLMProcessor.from_config(chat_model.config, chatglm_tokenizer)

@@ -608,7 +608,7 @@ def test_reads_legacy_format_plain_state_dict_and_bf16(tmp_path, sat_state):
 
 # ----- 8. load_weights into the model -----
 
-def _build_use_past_model(model_config):
+def _build_use_past_model():
     from visualglm.configuration import VisualGLMConfig
     from visualglm.modeling import build_model
     config = VisualGLMConfig.from_sat_config(str(CKPT_DIR), compute_dtype="float32",
@@ -616,10 +616,10 @@ def _build_use_past_model(model_config):
     return build_model(config)
 
 
-def test_load_weights_loads_every_parameter(converted, model_config):
+def test_load_weights_loads_every_parameter(converted):
     from visualglm.modeling import load_weights
     _, out = converted
-    model = _build_use_past_model(model_config)
+    model = _build_use_past_model()
     params = {p.name: p for p in model.get_parameters()}
     caches = sorted(n for n in params if n.endswith(("key_past", "value_past")))
     assert len(caches) == 2 * 3
@@ -634,11 +634,11 @@ def test_load_weights_loads_every_parameter(converted, model_config):
         assert np.array_equal(value, files[name].astype(value.dtype)), name
 
 
-def test_load_weights_rejects_mismatched_checkpoints(converted, model_config, tmp_path):
+def test_load_weights_rejects_mismatched_checkpoints(converted, tmp_path):
     import mindspore as ms
     from visualglm.modeling import CheckpointMismatchError, load_weights
     _, out = converted
-    model = _build_use_past_model(model_config)
+    model = _build_use_past_model()
     vit, qformer = str(out / "vit.ckpt"), str(out / "qformer.ckpt")
     # The ViT file given as the GLM: its first name is not a GLM parameter.
     first_vit_name = _ckpt_tags(out / "vit.ckpt")[0]
@@ -660,7 +660,7 @@ def test_load_weights_rejects_mismatched_checkpoints(converted, model_config, tm
         load_weights(model, vit=vit, qformer=qformer)
 
 
-def test_load_weights_ignores_mindformers_extra_names(converted, model_config, tmp_path):
+def test_load_weights_ignores_mindformers_extra_names(converted, tmp_path):
     """The MindFormers converter also wrote rotary inv_freq per layer and the legacy position table
     into the GLM file, and ln_vision into the ViT file (spec §14.3, §14.5)."""
     import mindspore as ms
@@ -675,7 +675,7 @@ def test_load_weights_ignores_mindformers_extra_names(converted, model_config, t
     for part, arrays in (("glm", glm), ("vit", vit)):
         paths[part] = str(tmp_path / f"mf_{part}.ckpt")
         ms.save_checkpoint([{"name": n, "data": ms.Tensor(v)} for n, v in arrays.items()], paths[part])
-    model = _build_use_past_model(model_config)
+    model = _build_use_past_model()
     loaded = load_weights(model, vit=paths["vit"], qformer=str(out / "qformer.ckpt"), glm=paths["glm"])
     assert len(loaded) == 151
     assert not any("rotary_emb" in n or "position_embeddings" in n for n in loaded)

@@ -73,7 +73,6 @@ def vit_rules(config):
             Rule("vit", (vc.seq_length, h), _reshaped("visual_encoder.pos_embed", (1, vc.seq_length, h))),
     }
     for n in range(vc.num_hidden_layers):
-        rules.update(_ln(VIT + "mixins.cls.ln_vision", "ln_vision", "vit", vc.hidden_size)) if n == 0 else None
         sat, ms_ = f"{VIT}transformer.layers.{n}.", f"visual_encoder.blocks.{n}."
         att = ms_ + "attention."
         rules.update(_ln(sat + "input_layernorm", ms_ + "layernorm1", "vit", h))
