@@ -140,20 +140,20 @@ def build_model(config, *, delay_init=False, load_checkpoints=False):
 
 
 def configured_checkpoints(config):
-    """The checkpoint paths a config names: {'vit', 'qformer', 'glm'} (MindFormers places them in
-    vision_config, the model config and text_config). Missing files are one error naming each file
-    and how to produce it."""
-    paths = {"vit": getattr(config.vision_config, "checkpoint_name_or_path", None),
-             "qformer": config.checkpoint_name_or_path,
-             "glm": getattr(config.text_config, "checkpoint_name_or_path", None)}
-    keys = {"vit": "model_config.vision_config.checkpoint_name_or_path",
-            "qformer": "model_config.checkpoint_name_or_path",
-            "glm": "model_config.text_config.checkpoint_name_or_path"}
-    missing = [f"{part} ({keys[part]}: {paths[part] or 'not set'})" for part in paths
-               if not paths[part] or not os.path.isfile(paths[part])]
-    if missing:
-        raise UserError("checkpoint(s) not found: " + "; ".join(missing) + ". Convert the SAT VisualGLM-6B "
-                        "checkpoint with `python research/visualglm/convert_weight.py --torch_path <sat folder> "
+    """The checkpoint paths a config names: {'vit', 'qformer', 'glm'} -> path, from
+    vision_config.checkpoint_name_or_path, the model config's checkpoint_name_or_path (the Q-Former file,
+    or a whole-model checkpoint) and text_config.checkpoint_name_or_path; unset ones are left out.
+    Paths that do not exist are one error naming each and how to produce it."""
+    keys = {"vit": ("model_config.vision_config.checkpoint_name_or_path", config.vision_config),
+            "qformer": ("model_config.checkpoint_name_or_path", config),
+            "glm": ("model_config.text_config.checkpoint_name_or_path", config.text_config)}
+    paths = {part: getattr(holder, "checkpoint_name_or_path", None) for part, (_, holder) in keys.items()}
+    paths = {part: path for part, path in paths.items() if path}
+    missing = [f"{part} ({keys[part][0]}: {path})" for part, path in paths.items() if not os.path.isfile(path)]
+    if missing or not paths:
+        what = "; ".join(missing) if missing else "none is set"
+        raise UserError(f"checkpoint(s) not found: {what}. Convert the SAT VisualGLM-6B checkpoint with "
+                        "`python research/visualglm/convert_weight.py --torch_path <sat folder> "
                         "--vit_mindspore_path ... --qformer_mindspore_path ... --glm_mindspore_path ...` "
                         "and put the paths in the yaml")
     return paths
@@ -173,7 +173,8 @@ class CheckpointMismatchError(UserError):
 
 def load_weights(model, *, vit=None, qformer=None, glm=None, strict=True):
     """Load the converted ViT, Q-Former (with ln_vision, query_tokens, llm_proj) and GLM checkpoints
-    (spec §14.6). GLM names carry no `llm_model.` prefix in the file. Every tensor's shape is checked;
+    (spec §14.6). GLM names carry no `llm_model.` prefix in the file; the Q-Former slot also takes a
+    whole-model checkpoint (full names, as MindFormers loads it over the whole model). Every tensor's shape is checked;
     with `strict`, model parameters no file provides are an error. Returns the loaded names."""
     params = {p.name: p for p in model.get_parameters()}
     loaded = {}
