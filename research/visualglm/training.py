@@ -1,0 +1,218 @@
+"""LoRA finetuning: the loss (spec §15.3), one training step (gradient averaging across ranks,
+global-norm clipping, optional dynamic loss scaling), the optimizer (spec §15.7), and callbacks for
+logging and atomic checkpoints, run by MindSpore's own `Model.train` loop.
+
+Why not MindFormers' `MFTrainOneStepCell` / MindSpore's `TrainOneStepWithLossScaleCell`: both read the
+Ascend-only float-status registers (NPUGetFloatStatusV2), so they cannot run on the CPU. `TrainStep`
+below checks overflow with `isfinite` on the gradients, which every backend has, so the same step runs on
+CPU and Ascend.
+"""
+import glob
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.train.callback import Callback
+
+from visualglm.errors import UserError
+from visualglm.lora import LORA_MARK
+
+IGNORE_INDEX = -100
+
+
+class FinetuneLoss(nn.Cell):
+    """Masked-mean next-token cross entropy over the label positions (labels != -100), the prediction of
+    <sop> from [gMASK] and of <eop> at the end included."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)   # keep the model's parameter names (checkpoint names)
+        self.model = model
+
+    def construct(self, image, input_ids, labels, position_id, attention_mask, image_start):
+        logits = self.model(input_ids, position_id, attention_mask, image, None, image_start)
+        logits = logits[:, :-1].astype(ms.float32)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        safe = ops.where(keep, targets, ops.zeros_like(targets))
+        log_probs = ops.log_softmax(logits, axis=-1)
+        picked = ops.gather_elements(log_probs, -1, safe.expand_dims(-1)).squeeze(-1)
+        keep = keep.astype(ms.float32)
+        return -(picked * keep).sum() / (keep.sum() + 1e-8)
+
+
+class TrainStep(nn.Cell):
+    """loss, grads = value_and_grad(loss); grads averaged over ranks (data parallel); with a loss scale,
+    grads unscaled and the update skipped on overflow; clipped to max_grad_norm; optimizer step."""
+
+    def __init__(self, loss_net, optimizer, max_grad_norm=None, loss_scale_manager=None):
+        super().__init__(auto_prefix=False)
+        self.loss_net = loss_net
+        self.optimizer = optimizer
+        self.weights = optimizer.parameters
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.max_grad_norm = max_grad_norm
+        parallel = ms.get_auto_parallel_context("parallel_mode")
+        self.reduce = parallel in (ms.ParallelMode.DATA_PARALLEL, ms.ParallelMode.HYBRID_PARALLEL)
+        self.reducer = nn.DistributedGradReducer(self.weights, mean=True) if self.reduce else None
+        self.loss_scale = loss_scale_manager
+        self.scale_sense = Parameter(Tensor(loss_scale_manager.get_loss_scale() if loss_scale_manager else 1.0,
+                                            ms.float32), name="scale_sense", requires_grad=False)
+
+    def construct(self, *inputs):
+        loss = self.loss_net(*inputs)
+        sens = self.scale_sense.astype(loss.dtype)
+        grads = self.grad(self.loss_net, self.weights)(*inputs, sens)
+        if self.reduce:
+            grads = self.reducer(grads)
+        grads = tuple(g / sens.astype(g.dtype) for g in grads)
+        finite = ops.stack([ops.isfinite(g).all() for g in grads]).all()
+        if self.loss_scale is not None:
+            self.loss_scale(self.scale_sense, ~finite)
+        if self.max_grad_norm is not None:
+            grads = ops.clip_by_global_norm(grads, self.max_grad_norm)
+        if finite:
+            self.optimizer(grads)
+        return loss
+
+
+def build_optimizer(params, learning_rate, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01):
+    """AdamWeightDecay: 2-D non-bias weights (the LoRA matrices) decay, 1-D tensors and biases do not."""
+    decay = [p for p in params if len(p.shape) > 1 and not p.name.endswith("bias")]
+    decay_ids = {id(p) for p in decay}
+    no_decay = [p for p in params if id(p) not in decay_ids]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return nn.AdamWeightDecay(groups, learning_rate=learning_rate, beta1=beta1, beta2=beta2, eps=eps)
+
+
+# ----- checkpoints -----
+
+def atomic_save(save, path):
+    """save(tmp_path) then rename: a kill during the save never leaves a partial file at `path`."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.ckpt"
+    try:
+        save(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def training_state(train_step):
+    """What resuming needs besides the frozen base weights: trainable parameters, optimizer moments,
+    the optimizer's step counter and the loss scale."""
+    state = {id(p): p for p in train_step.optimizer.parameters}
+    state.update((id(p), p) for p in train_step.optimizer.get_parameters())
+    state[id(train_step.scale_sense)] = train_step.scale_sense
+    return list(state.values())
+
+
+class CheckpointSaver(Callback):
+    """Every `save_steps` and at the end: the trainable (LoRA) parameters to
+    `{out}/checkpoint_trainable/rank_{r}/visualglm_rank_{r}-trainable_params.ckpt` and the training state
+    to `{out}/checkpoint/rank_{r}/visualglm_rank_{r}-{epoch}_{step}.ckpt` (the last `keep` kept)."""
+
+    def __init__(self, train_step, output_dir, rank, save_steps, step_offset=0, keep=5):
+        super().__init__()
+        self.train_step = train_step
+        self.trainable_path = os.path.join(output_dir, "checkpoint_trainable", f"rank_{rank}",
+                                           f"visualglm_rank_{rank}-trainable_params.ckpt")
+        self.state_dir = os.path.join(output_dir, "checkpoint", f"rank_{rank}")
+        self.rank, self.save_steps, self.step_offset, self.keep = rank, save_steps, step_offset, keep
+
+    def save(self, epoch, step):
+        lora = [p for p in self.train_step.optimizer.parameters if LORA_MARK in p.name] or \
+            list(self.train_step.optimizer.parameters)
+        atomic_save(lambda tmp: ms.save_checkpoint(lora, tmp), self.trainable_path)
+        state_path = os.path.join(self.state_dir, f"visualglm_rank_{self.rank}-{epoch}_{step}.ckpt")
+        atomic_save(lambda tmp: ms.save_checkpoint(training_state(self.train_step), tmp), state_path)
+        for old in sorted(list_state_checkpoints(self.state_dir), key=_step_of)[:-self.keep]:
+            os.remove(old)
+
+    def step_end(self, run_context):
+        args = run_context.original_args()
+        step = self.step_offset + args.cur_step_num
+        if step % self.save_steps == 0:
+            self.save(args.cur_epoch_num, step)
+
+    def end(self, run_context):
+        args = run_context.original_args()
+        step = self.step_offset + args.cur_step_num
+        if step % self.save_steps:
+            self.save(args.cur_epoch_num, step)
+
+
+def _step_of(path):
+    match = re.search(r"-(\d+)_(\d+)\.ckpt$", path)
+    return int(match.group(2)) if match else -1
+
+
+def list_state_checkpoints(state_dir):
+    return [p for p in glob.glob(os.path.join(state_dir, "visualglm_rank_*-*_*.ckpt")) if ".tmp-" not in p]
+
+
+def resume_training_state(train_step, state_dir):
+    """Load the newest training state in state_dir into the step; returns the step reached (0 if none)."""
+    checkpoints = list_state_checkpoints(state_dir)
+    if not checkpoints:
+        return 0
+    latest = max(checkpoints, key=_step_of)
+    state = ms.load_checkpoint(latest)
+    params = {p.name: p for p in training_state(train_step)}
+    missing = [n for n in params if n not in state]
+    if missing:
+        raise UserError(f"{latest} does not match this run: {len(missing)} state tensors missing "
+                        f"(e.g. {missing[0]}); was it written with another config?")
+    for name, param in params.items():
+        param.set_data(state[name].astype(param.dtype))
+    return _step_of(latest)
+
+
+class TrainingMonitor(Callback):
+    """One line per `log_steps`: step/total, loss, learning rate, samples/s, tokens/s and ETA; plus a
+    progress bar on a terminal."""
+
+    def __init__(self, total_steps, batch_size, tokens_per_sample, lr_schedule=None, log_steps=1,
+                 step_offset=0, stream=None):
+        super().__init__()
+        self.total, self.batch, self.tokens = total_steps, batch_size, tokens_per_sample
+        self.lr_schedule, self.log_steps, self.offset = lr_schedule, log_steps, step_offset
+        self.stream = stream or sys.stdout
+        self.bar = None
+        self.losses = []
+
+    def begin(self, run_context):
+        self.start = time.time()
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, initial=self.offset, desc="finetune", unit="step")
+
+    def step_end(self, run_context):
+        args = run_context.original_args()
+        step = self.offset + args.cur_step_num
+        loss = float(np.asarray(args.net_outputs.asnumpy() if hasattr(args.net_outputs, "asnumpy")
+                                else args.net_outputs).reshape(-1)[0])
+        self.losses.append(loss)
+        done = step - self.offset
+        elapsed = time.time() - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+        if step % self.log_steps == 0 or step == self.total:
+            lr = float(self.lr_schedule(Tensor(step - 1, ms.int32)).asnumpy()) if self.lr_schedule else float("nan")
+            print(f"step {step}/{self.total} loss {loss:.6f} lr {lr:.3e} "
+                  f"{rate * self.batch:.2f} samples/s {rate * self.batch * self.tokens:.0f} tokens/s "
+                  f"eta {eta:.0f}s", file=self.stream, flush=True)
+
+    def end(self, run_context):
+        if self.bar is not None:
+            self.bar.close()
