@@ -27,19 +27,33 @@ for real, at `--recompute_samples` evenly spaced steps of the same run (each the
 would have), averaged: an estimate of the per-token average of the full run. Both sides run on
 `--threads` threads (torch.set_num_threads; MindSpore's CPU runtime uses the machine's cores).
 
-Needs SwissArmyTransformer for the peer (see benchmarks/sat_peer.py for the install steps and the one
-stand-in module it inserts, in this process only, because SAT imports a triton kernel module on import;
-no deepspeed is needed). With `--no_peer` only our figures are printed.
+The peer runs in its own process (benchmarks/sat_peer.py, started by this script for each shape, fed our
+weights through a temporary folder): torch is markedly slower in a process where MindSpore has run (see
+sat_peer.py). It needs SwissArmyTransformer, installed without deepspeed:
+
+    pip install --no-deps SwissArmyTransformer==0.4.12 && pip install einops
+
+(torch, transformers, sentencepiece, tensorboardX and datasets, its other imports, are already installed
+here). SAT's package import reaches a triton kernel module that ChatGLM never uses; sat_peer.py puts a
+stand-in for that one module (`sat.model.position_embedding.triton_rotary_embeddings`) into sys.modules of
+the peer's process only. No deepspeed stub is needed: SAT only warns that deepspeed is missing.
+With `--no_peer` only our figures are printed. The load average is printed with the table: other work on
+this 2-core machine slows both sides.
 """
 import argparse
 import gc
+import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sat_peer import sample_steps, timed  # noqa: E402  (numpy only: torch and SAT load in the peer's process)
 
 import mindspore as ms  # noqa: E402
 from mindspore import Tensor  # noqa: E402
@@ -49,6 +63,7 @@ from visualglm.generation import CachedDecoder, RecomputeDecoder, _bucket  # noq
 from visualglm.modeling import build_model  # noqa: E402
 
 REAL_VOCAB = 130528
+PEER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sat_peer.py")
 
 SHAPES = {
     "tiny": dict(
@@ -99,26 +114,9 @@ def make_prompt(tc, rng):
     return before + [tc.pad_token_id] * IMAGE_LENGTH + after + [tc.gmask_token_id, tc.bos_token_id]
 
 
-def timed(fn, reps):
-    """Median wall time of fn() in ms over reps calls."""
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return float(np.median(times))
-
-
 def rel_diff(a, b):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
-def sample_steps(new_tokens, samples):
-    """Steps (1 … new_tokens) to time recompute at: all of them, or `samples` evenly spaced."""
-    if not samples or samples >= new_tokens:
-        return list(range(1, new_tokens + 1))
-    return sorted(set(np.linspace(1, new_tokens, samples).round().astype(int).tolist()))
 
 
 # ----------------------------------------------------------------------------------------------- ours
@@ -131,10 +129,6 @@ class Ours:
         self.build_s = time.perf_counter() - start
         self.config = config
         self.tc = config.text_config
-
-    def glm_params(self):
-        return {p.name[len("llm_model."):]: p.asnumpy() for p in self.model.get_parameters()
-                if p.name.startswith("llm_model.") and not p.name.endswith(("key_past", "value_past"))}
 
     def encode(self, pixels):
         return self.model.encode_image(pixels)
@@ -257,76 +251,54 @@ def bench_shape(shape, args):
     log(f"recompute {res['ours_recompute_ms']:.2f} ms/token ({time.perf_counter() - t0:.1f} s)")
 
     if not args.no_peer:
-        bench_peer(res, ours, prompt, embeds, fed, ours_first, ours_steps, filler, samples, reps, args, log)
+        run_peer(res, ours, prompt, embeds, fed, np.stack([ours_first] + ours_steps), filler, samples, reps,
+                 args, log)
     del ours
     gc.collect()
     return res
 
 
-def bench_peer(res, ours, prompt, embeds, fed, ours_first, ours_steps, filler, samples, reps, args, log):
-    from sat_peer import SATPeer
-    torch = None
-    t0 = time.perf_counter()
-    params = ours.glm_params()
-    peer = SATPeer(ours.tc, params, threads=args.threads)
-    del params
-    gc.collect()
-    torch = peer.sat.torch
-    res["sat_version"] = peer.sat.version
-    log(f"built the SAT peer in {time.perf_counter() - t0:.1f} s")
-    new_tokens = res["new_tokens"]
-    length = len(prompt)
-    image = torch.from_numpy(embeds.asnumpy())
-    ids, mask, positions = peer.inputs(list(prompt) + fed + filler[len(fed):])  # ids beyond `fed` are overwritten
-    with torch.no_grad():
-        # --- same computation: prefill and decode logits for the same tokens
-        logits, mems = peer.prefill(ids, mask, positions, length, image, IMAGE_START)
-        sat_logits = [logits.numpy().copy()]
-        for i, token in enumerate(fed):
-            ids[0, length + i] = token
-            logits, mems = peer.decode(ids, mask, positions, length + i, mems)
-            sat_logits.append(logits.numpy().copy())
-        res["prefill_logits_diff"] = rel_diff(ours_first, sat_logits[0])
-        res["decode_logits_diff"] = rel_diff(np.stack(ours_steps), np.stack(sat_logits[1:]))
-        log(f"parity: prefill {res['prefill_logits_diff']:.2e}, decode {res['decode_logits_diff']:.2e}")
-
-        # --- prefill
-        res["sat_prefill_ms"] = timed(lambda: peer.prefill(ids, mask, positions, length, image, IMAGE_START), reps)
-
-        # --- decode with the cache (SAT's filling_sequence loop: own argmax fed back, mems concatenated)
+def run_peer(res, ours, prompt, embeds, fed, ours_logits, filler, samples, reps, args, log):
+    """Dump what the SAT peer needs, free our model, run sat_peer.py in its own process, read its results."""
+    workdir = tempfile.mkdtemp(prefix="bench_generate_")
+    try:
         t0 = time.perf_counter()
-        logits, mems = peer.prefill(ids, mask, positions, length, image, IMAGE_START)
-        elapsed = 0.0
-        for i in range(new_tokens):
-            start = time.perf_counter()
-            ids[0, length + i] = int(logits[0].argmax())
-            logits, mems = peer.decode(ids, mask, positions, length + i, mems)
-            elapsed += time.perf_counter() - start
-        res["sat_cached_ms"] = elapsed * 1e3 / new_tokens
-        log(f"SAT cached decode {res['sat_cached_ms']:.2f} ms/token ({time.perf_counter() - t0:.1f} s)")
-        del mems
-
-        # --- decode by recompute (SAT without CachedAutoregressiveMixin: a full forward per token)
-        peer.set_cache(False)
-        t0 = time.perf_counter()
-        steps = sample_steps(new_tokens, samples)
-        if res["recompute_mode"] == "all steps":
-            logits = peer.recompute(ids, mask, positions, length, image, IMAGE_START)
-            elapsed = 0.0
-            for i in range(new_tokens):
-                start = time.perf_counter()
-                ids[0, length + i] = int(logits[0].argmax())
-                logits = peer.recompute(ids, mask, positions, length + i + 1, image, IMAGE_START)
-                elapsed += time.perf_counter() - start
-            res["sat_recompute_ms"] = elapsed * 1e3 / new_tokens
-        else:
-            ids[0, length:length + len(filler)] = torch.tensor(filler)
-            per_step = [timed(lambda s=s: peer.recompute(ids, mask, positions, length + s, image, IMAGE_START), 1)
-                        for s in steps]
-            res["sat_recompute_ms"] = float(np.mean(per_step))
-        log(f"SAT recompute {res['sat_recompute_ms']:.2f} ms/token ({time.perf_counter() - t0:.1f} s)")
-    del peer
-    gc.collect()
+        os.makedirs(os.path.join(workdir, "weights"))
+        for param in ours.model.get_parameters():
+            name = param.name
+            if name.startswith("llm_model.") and not name.endswith(("key_past", "value_past")):
+                np.save(os.path.join(workdir, "weights", name[len("llm_model."):] + ".npy"), param.asnumpy())
+        np.save(os.path.join(workdir, "image.npy"), embeds.asnumpy())
+        tc = ours.tc
+        text_config = {key: getattr(tc, key) for key in (
+            "num_layers", "hidden_size", "num_heads", "vocab_size", "seq_length", "inner_hidden_size",
+            "hidden_size_per_attention_head", "layernorm_epsilon", "bos_token_id", "mask_token_id",
+            "gmask_token_id", "pad_token_id")}
+        job = dict(shape=res["shape"], text_config=text_config, prompt=list(map(int, prompt)),
+                   fed=list(map(int, fed)), filler=list(map(int, filler)), new_tokens=res["new_tokens"],
+                   recompute_samples=samples, reps=reps, threads=args.threads, image_start=IMAGE_START)
+        with open(os.path.join(workdir, "job.json"), "w", encoding="utf-8") as f:
+            json.dump(job, f)
+        log(f"wrote the peer's job in {time.perf_counter() - t0:.1f} s")
+        del ours.model
+        gc.collect()
+        proc = subprocess.run([sys.executable, PEER_SCRIPT, workdir], stderr=subprocess.PIPE, text=True,
+                              check=False)
+        for line in proc.stderr.splitlines():
+            if line.startswith(f"[{res['shape']} SAT]"):
+                print(line, file=sys.stderr, flush=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr)
+            raise SystemExit(f"the SAT peer failed (exit {proc.returncode}); see benchmarks/sat_peer.py for "
+                             "its install steps, or run with --no_peer")
+        with open(os.path.join(workdir, "result.json"), encoding="utf-8") as f:
+            res.update(json.load(f))
+        sat_logits = np.load(os.path.join(workdir, "sat_logits.npy"))
+        res["prefill_logits_diff"] = rel_diff(ours_logits[0], sat_logits[0])
+        res["decode_logits_diff"] = rel_diff(ours_logits[1:], sat_logits[1:])
+        log(f"parity with SAT: prefill {res['prefill_logits_diff']:.1e}, decode {res['decode_logits_diff']:.1e}")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------- table
@@ -413,10 +385,12 @@ def main(argv=None):
     if unknown:
         parser.error(f"unknown shape(s) {unknown}: choose from {sorted(SHAPES)}")
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
+    load_before = os.getloadavg()[0]
     started = time.perf_counter()
     results = [bench_shape(shape, args) for shape in shapes]
     print_table(results, args)
-    print(f"total {time.perf_counter() - started:.0f} s")
+    print(f"total {time.perf_counter() - started:.0f} s; 1-minute load average {load_before:.2f} at the start, "
+          f"{os.getloadavg()[0]:.2f} at the end (this run itself adds about {args.threads})")
 
 
 if __name__ == "__main__":

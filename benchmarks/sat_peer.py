@@ -17,10 +17,20 @@ importing SAT. Nothing named `triton` is faked, so other libraries' triton detec
 Everything here follows SAT's own generation path: `filling_sequence` with `CachedAutoregressiveMixin`
 (prefill once, then one token per forward with `mems` grown by `update_mems`), and, without the mixin, a
 full forward over the whole sequence per token. Masks and positions come from `ChatGLMModel.get_inputs`.
+
+bench_generate.py runs this file as its own process (`python sat_peer.py WORKDIR`, never importing
+MindSpore there): in a process that has imported and run MindSpore, torch's CPU ops were measured 1.7x
+(matmul) to 40x (small element-wise ops) slower on this machine, MindSpore having set OMP_NUM_THREADS=1
+and loaded its own OpenMP threads. WORKDIR holds job.json, image.npy and weights/*.npy (our GLM parameter
+names); the process writes result.json (timings) and sat_logits.npy (logits for the parity check).
 """
 import argparse
+import json
+import os
 import sys
+import time
 import types
+import warnings
 
 import numpy as np
 
@@ -100,7 +110,8 @@ class SATPeer:
         torch = self.sat.torch
         target = dict(self.model.named_parameters())
         missing = set(target)
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # read-only (memory-mapped) arrays: only read here
             for name, value in glm_params.items():
                 sat_name = self.sat_name(name)
                 if sat_name not in target:
@@ -150,3 +161,101 @@ class SATPeer:
     def recompute(self, ids, mask, positions, length, image=None, image_start=None):
         """Full forward over tokens 0 … length-1 (no cache): logits [1, V] of the last one."""
         return self.forward(ids, mask, positions, 0, length, None, image, image_start)[0]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def timed(fn, reps):
+    """Median wall time of fn() in ms over reps calls."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+def sample_steps(new_tokens, samples):
+    """Steps (1 … new_tokens) to time recompute at: all of them, or `samples` evenly spaced."""
+    if not samples or samples >= new_tokens:
+        return list(range(1, new_tokens + 1))
+    return sorted(set(np.linspace(1, new_tokens, samples).round().astype(int).tolist()))
+
+
+def run_job(workdir):
+    """The peer's half of one bench_generate shape (see the module docstring)."""
+    with open(os.path.join(workdir, "job.json"), encoding="utf-8") as f:
+        job = json.load(f)
+    tag = f"[{job['shape']} SAT]"
+
+    def log(*parts):
+        print(tag, *parts, file=sys.stderr, flush=True)
+
+    start = time.perf_counter()
+    weights = os.path.join(workdir, "weights")
+    params = {name[:-len(".npy")]: np.load(os.path.join(weights, name), mmap_mode="r")
+              for name in os.listdir(weights)}
+    peer = SATPeer(types.SimpleNamespace(**job["text_config"]), params, threads=job["threads"])
+    del params
+    torch = peer.sat.torch
+    log(f"built in {time.perf_counter() - start:.1f} s")
+    prompt, fed, filler = job["prompt"], job["fed"], job["filler"]
+    new_tokens, reps, length, image_start = job["new_tokens"], job["reps"], len(prompt), job["image_start"]
+    image = torch.from_numpy(np.load(os.path.join(workdir, "image.npy")))
+    ids, mask, positions = peer.inputs(list(prompt) + fed + filler[len(fed):])  # ids past `fed` get overwritten
+    res = {"sat_version": peer.sat.version}
+    with torch.no_grad():
+        # same computation: prefill and decode logits for the tokens our model chose
+        logits, mems = peer.prefill(ids, mask, positions, length, image, image_start)
+        out = [logits.numpy().copy()]
+        for i, token in enumerate(fed):
+            ids[0, length + i] = token
+            logits, mems = peer.decode(ids, mask, positions, length + i, mems)
+            out.append(logits.numpy().copy())
+        np.save(os.path.join(workdir, "sat_logits.npy"), np.stack(out))
+
+        # prefill (with the cache mixin, as generation runs it)
+        peer.prefill(ids, mask, positions, length, image, image_start)
+        res["sat_prefill_ms"] = timed(lambda: peer.prefill(ids, mask, positions, length, image, image_start), reps)
+        log(f"prefill {res['sat_prefill_ms']:.1f} ms")
+
+        # decode with the cache: filling_sequence's loop, own argmax fed back, mems concatenated
+        t0 = time.perf_counter()
+        logits, mems = peer.prefill(ids, mask, positions, length, image, image_start)
+        elapsed = 0.0
+        for i in range(new_tokens):
+            begin = time.perf_counter()
+            ids[0, length + i] = int(logits[0].argmax())
+            logits, mems = peer.decode(ids, mask, positions, length + i, mems)
+            elapsed += time.perf_counter() - begin
+        res["sat_cached_ms"] = elapsed * 1e3 / new_tokens
+        log(f"cached decode {res['sat_cached_ms']:.2f} ms/token ({time.perf_counter() - t0:.1f} s)")
+        del mems
+
+        # decode by recompute: no CachedAutoregressiveMixin, a full forward per new token
+        peer.set_cache(False)
+        t0 = time.perf_counter()
+        steps = sample_steps(new_tokens, job["recompute_samples"])
+        if len(steps) == new_tokens:
+            logits = peer.recompute(ids, mask, positions, length, image, image_start)
+            elapsed = 0.0
+            for i in range(new_tokens):
+                begin = time.perf_counter()
+                ids[0, length + i] = int(logits[0].argmax())
+                logits = peer.recompute(ids, mask, positions, length + i + 1, image, image_start)
+                elapsed += time.perf_counter() - begin
+            res["sat_recompute_ms"] = elapsed * 1e3 / new_tokens
+        else:
+            ids[0, length:length + len(filler)] = torch.tensor(filler)
+            peer.recompute(ids, mask, positions, length + steps[0], image, image_start)
+            res["sat_recompute_ms"] = float(np.mean([
+                timed(lambda s=s: peer.recompute(ids, mask, positions, length + s, image, image_start), 1)
+                for s in steps]))
+        log(f"recompute {res['sat_recompute_ms']:.2f} ms/token ({time.perf_counter() - t0:.1f} s)")
+    with open(os.path.join(workdir, "result.json"), "w", encoding="utf-8") as f:
+        json.dump(res, f)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python sat_peer.py WORKDIR   (run by bench_generate.py)")
+    run_job(sys.argv[1])

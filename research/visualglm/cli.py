@@ -25,3 +25,80 @@ def str2bool(value):
     if lowered in ("0", "false", "no", "n", "off"):
         return False
     raise ValueError(f"expected true or false, got {value!r}")
+
+
+def optional_bool(value):
+    """str2bool for flags that may also be given bare (`--stream` = `--stream true`)."""
+    return str2bool(value)
+
+
+optional_bool.__name__ = "bool"   # argparse shows "invalid bool value: 'maybe'"
+
+
+def add_model_args(parser, default_config, default_batch_size=1):
+    """Model, checkpoint, tokenizer and device arguments of the inference scripts (spec §16.1)."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--config", "--config_path", dest="config", default=default_config,
+                       help="MindFormers yaml (relative paths are also looked up next to the scripts and in the "
+                            "repository root); default: %(default)s")
+    group.add_argument("--model_type", default="visualglm_6b", help="unused; kept for the MindFormers scripts")
+    group.add_argument("--checkpoint", default=None,
+                       help="overrides model_config.checkpoint_name_or_path: the Q-Former checkpoint or a "
+                            "whole-model checkpoint (then the yaml's ViT and GLM checkpoints are not needed)")
+    group.add_argument("--vocab_file", default=None,
+                       help="the tokenizer model ice_text.model (overrides processor.tokenizer.vocab_file)")
+    group.add_argument("--device_target", default=None,
+                       help="CPU or Ascend (default: the yaml's context.device_target)")
+    group.add_argument("--device_id", type=int, default=0, help="device id (default: %(default)s)")
+    group.add_argument("--compute_dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                       help="matmul dtype (default: the yaml's model_config.compute_dtype, except float32 on "
+                            "CPU, where float16 is slower and bfloat16 unsupported)")
+    group.add_argument("--seq_length", type=int, default=None,
+                       help="GLM KV-cache length = longest prompt + answer budget "
+                            "(default: the yaml's text_config.seq_length)")
+    group.add_argument("--batch_size", type=int, default=default_batch_size,
+                       help="samples generated together (the KV-cache batch); more inputs run in chunks, the "
+                            "last one padded (default: %(default)s)")
+    group.add_argument("--use_past", type=optional_bool, nargs="?", const=True, default=True,
+                       help="decode with the KV cache (true) or recompute every step (false); default: true")
+    return group
+
+
+def add_generation_args(parser):
+    """Sampling and length arguments; None means GenerationConfig's default."""
+    group = parser.add_argument_group("generation")
+    group.add_argument("--do_sample", type=optional_bool, nargs="?", const=True, default=False,
+                       help="sample (true) or greedy search (false, the default)")
+    group.add_argument("--top_k", type=int, default=0, help="keep the k best tokens when sampling (0: all)")
+    group.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    group.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    group.add_argument("--repetition_penalty", type=float, default=1.0,
+                       help="SAT-style penalty of already generated tokens (default 1.0: none)")
+    group.add_argument("--max_length", type=int, default=None,
+                       help="prompt + answer tokens at most (default: seq_length); never silently capped")
+    group.add_argument("--max_new_tokens", type=int, default=None,
+                       help="answer tokens at most (default: up to seq_length)")
+    group.add_argument("--seed", type=int, default=None, help="sampling seed (default: the yaml's seed)")
+    group.add_argument("--english", type=optional_bool, nargs="?", const=True, default=False,
+                       help="English prompt template (Q:/A:) and, with the real vocabulary, no CJK tokens")
+    return group
+
+
+def add_input_args(parser, stream=True):
+    """Inputs: repeatable --image_path/--prompt pairs or a jsonl file; --stream and --generate_repeat_time."""
+    group = parser.add_argument_group("inputs")
+    group.add_argument("--image_path", action="append", default=None,
+                       help="an image (repeatable, one per --prompt); relative paths are looked up in the "
+                            "working directory, then in the repository root. Default: examples/red_circle.png. "
+                            "For compatibility one value 'a.jpg,b.jpg' is split on commas when no such file exists")
+    group.add_argument("--prompt", action="append", default=None,
+                       help="a question (repeatable, one per --image_path; a single one applies to every image). "
+                            "Default: 描述这张图片。")
+    group.add_argument("--input_file", default=None,
+                       help='jsonl file, one {"id": 1, "text": "...", "image": "path"} per line ("image" may be '
+                            "missing or null for a text-only question); prompts may contain commas")
+    group.add_argument("--generate_repeat_time", type=int, default=1, help="run the whole generation this often")
+    if stream:
+        group.add_argument("--stream", type=optional_bool, nargs="?", const=True, default=False,
+                           help="print each answer as it is generated (inputs one at a time), then the Response line")
+    return group

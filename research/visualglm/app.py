@@ -1,0 +1,390 @@
+"""What the inference scripts share: from a yaml and parsed arguments (cli.add_*_args) to the device context,
+config, tokenizer, processor, model and VisualGLMChat engine; the inputs (jsonl, repeated or legacy
+comma-separated --image_path/--prompt pairs) checked before any model is built; the Response line.
+
+Relative image, input-file, checkpoint and vocabulary paths are looked up in the working directory, then in
+the repository root, so the README's commands work from the root and from research/visualglm/.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from visualglm.errors import UserError
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(os.path.dirname(PACKAGE_DIR))
+DEFAULT_CONFIG = os.path.join(PACKAGE_DIR, "run_visualglm_6b_image_to_text_generation.yaml")
+DEFAULT_IMAGE = "examples/red_circle.png"
+DEFAULT_PROMPT = "描述这张图片。"
+DEVICE_TARGETS = {"cpu": "CPU", "ascend": "Ascend"}
+
+
+def resolve_path(path, *folders):
+    """`path` if it exists (absolute or relative to the working directory), else the first existing
+    `folder/path` for a relative path; None when there is none."""
+    path = os.path.expanduser(os.fspath(path))
+    if os.path.exists(path):
+        return path
+    if not os.path.isabs(path):
+        for folder in folders:
+            candidate = os.path.join(folder, path)
+            if os.path.exists(candidate):
+                return candidate
+    return None
+
+
+def _first_line(err):
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+@dataclass
+class Sample:
+    """One question: an image path (None for text-only) and a prompt."""
+    image: Optional[str]
+    prompt: str
+    id: object = None
+
+
+def read_jsonl(path):
+    """Samples of a jsonl file: {"id": ..., "text" (or "prompt"): "...", "image": "path" or null} per line."""
+    samples = []
+    folder = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise UserError(f"{path}:{number}: not a JSON object ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            prompt = record.get("text", record.get("prompt"))
+            if not isinstance(prompt, str):
+                raise UserError(f'{path}:{number}: needs a "text" string (the question)')
+            image = record.get("image")
+            if image is not None and not isinstance(image, str):
+                raise UserError(f'{path}:{number}: "image" must be a path or null')
+            if image is not None and not os.path.isabs(image) and resolve_path(image, REPO_ROOT) is None \
+                    and os.path.exists(os.path.join(folder, image)):
+                image = os.path.join(folder, image)   # relative to the jsonl file itself
+            samples.append(Sample(image, prompt, record.get("id", number)))
+    if not samples:
+        raise UserError(f"{path}: no inputs")
+    return samples
+
+
+def collect_samples(args):
+    """The questions of the command line, images resolved and checked (all of them, before any model is
+    built): a jsonl --input_file, or --image_path/--prompt pairs."""
+    if getattr(args, "input_file", None):
+        if args.image_path or args.prompt:
+            raise UserError("give either --input_file or --image_path/--prompt, not both")
+        path = resolve_path(args.input_file, REPO_ROOT)
+        if path is None or not os.path.isfile(path):
+            raise UserError(f"input file not found: {args.input_file}")
+        samples = read_jsonl(path)
+    else:
+        images = list(args.image_path or [DEFAULT_IMAGE])
+        prompts = list(args.prompt or [])
+        if len(images) == 1 and "," in images[0] and resolve_path(images[0], REPO_ROOT) is None:
+            # The MindFormers scripts' form: --image_path "a.jpg,b.jpg" --prompt "q1,q2".
+            images = [part.strip() for part in images[0].split(",") if part.strip()]
+            if len(prompts) == 1 and len(prompts[0].split(",")) == len(images):
+                prompts = [part.strip() for part in prompts[0].split(",")]
+        if not prompts:
+            prompts = [DEFAULT_PROMPT] * len(images)
+        elif len(prompts) == 1:
+            prompts = prompts * len(images)
+        if len(prompts) != len(images):
+            raise UserError(f"{len(images)} images but {len(prompts)} prompts: give one --prompt per --image_path, "
+                            "or a single --prompt for every image")
+        samples = [Sample(image, prompt, number) for number, (image, prompt) in enumerate(zip(images, prompts), 1)]
+    check_images(samples)
+    return samples
+
+
+def check_images(samples):
+    """Resolve every image path and decode it once; all problems in one UserError."""
+    from visualglm.processing import load_image
+    problems, checked = [], {}
+    for sample in samples:
+        if sample.image is None:
+            continue
+        resolved = resolve_path(sample.image, REPO_ROOT)
+        if resolved is None:
+            places = " and ".join(dict.fromkeys([os.getcwd(), REPO_ROOT]))
+            problems.append(f"image file {sample.image} not found (looked in {places})")
+            continue
+        if resolved not in checked:
+            try:
+                load_image(resolved)
+                checked[resolved] = None
+            except UserError as err:
+                checked[resolved] = str(err)
+            if checked[resolved]:
+                problems.append(checked[resolved])
+        sample.image = resolved
+    if problems:
+        raise UserError("; ".join(dict.fromkeys(problems)))
+
+
+def check_arguments(args):
+    """Checks that need no file: positive sizes, a known --device_target, valid generation options."""
+    for name in ("batch_size", "seq_length", "generate_repeat_time", "max_length", "max_new_tokens"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+    if args.device_target is not None:
+        device_target_of(args.device_target)
+    if args.device_id < 0:
+        raise UserError(f"--device_id must be >= 0, got {args.device_id}")
+    generation_config(args, None)
+
+
+# ----------------------------------------------------------------------------------------------- settings
+@dataclass
+class RunSettings:
+    """Everything the yaml and the arguments decide, checked before the model is built."""
+    config_path: str
+    yaml: object                # MindFormerConfig
+    config: object              # VisualGLMConfig
+    device_target: str
+    device_id: int
+    vocab_file: str
+    tokenizer_kwargs: dict
+    image_processor_kwargs: Optional[dict]
+    checkpoints: dict           # part -> path, as load_weights takes them
+    seed: Optional[int]
+    max_device_memory: Optional[str] = None
+    skipped: list = field(default_factory=list)   # yaml checkpoints not used because --checkpoint replaces them
+
+
+def _section(node):
+    if node is None:
+        return {}
+    return node.to_dict() if hasattr(node, "to_dict") else dict(node)
+
+
+def device_target_of(value):
+    target = DEVICE_TARGETS.get(str(value).strip().lower())
+    if target is None:
+        raise UserError(f"unknown device target {value!r}: expected CPU or Ascend")
+    return target
+
+
+def load_settings(args):
+    """Read the yaml, apply the arguments, check that checkpoints and tokenizer file exist."""
+    from mindformers.tools.register import MindFormerConfig
+    from visualglm.configuration import load_config
+    from visualglm.modeling import configured_checkpoints
+
+    config_path = resolve_path(args.config, PACKAGE_DIR, REPO_ROOT)
+    if config_path is None or not os.path.isfile(config_path):
+        raise UserError(f"config file not found: {args.config}")
+    try:
+        yaml = MindFormerConfig(config_path)
+        model_section = yaml.model.model_config
+    except Exception as err:  # noqa: BLE001 - any parse error of a user file is a one-line message
+        raise UserError(f"cannot read the config {config_path}: {_first_line(err)} (expected a MindFormers "
+                        "yaml with model.model_config)") from None
+    context = _section(yaml.get("context"))
+    target = device_target_of(args.device_target or context.get("device_target") or "CPU")
+
+    overrides = dict(batch_size=args.batch_size, text_config=dict(use_past=args.use_past))
+    if args.seq_length is not None:
+        overrides["text_config"]["seq_length"] = args.seq_length
+    compute_dtype = args.compute_dtype or ("float32" if target == "CPU" else None)
+    if compute_dtype:
+        overrides["compute_dtype"] = compute_dtype
+    try:
+        config = load_config(config_path, **overrides)
+    except (ValueError, TypeError, KeyError) as err:
+        raise UserError(f"bad model config in {config_path}: {_first_line(err)}") from None
+
+    problems, skipped = [], []
+    holders = {"vit": config.vision_config, "qformer": config, "glm": config.text_config}
+    for holder in holders.values():
+        path = getattr(holder, "checkpoint_name_or_path", None)
+        if path:
+            holder.checkpoint_name_or_path = resolve_path(path, REPO_ROOT) or path
+    if args.checkpoint:
+        checkpoint = resolve_path(args.checkpoint, REPO_ROOT)
+        if checkpoint is None or not os.path.isfile(checkpoint):
+            problems.append(f"checkpoint not found: {args.checkpoint} (--checkpoint)")
+            checkpoint = args.checkpoint
+        config.checkpoint_name_or_path = checkpoint
+        parts = [part for part in ("vit", "glm") if getattr(holders[part], "checkpoint_name_or_path", None)]
+        whole = os.path.isfile(checkpoint) and any(
+            os.path.isfile(holders[p].checkpoint_name_or_path) for p in parts) and is_whole_model(checkpoint)
+        for part in parts:
+            path = holders[part].checkpoint_name_or_path
+            if whole or not os.path.isfile(path):
+                if not whole:
+                    skipped.append(f"{part}: {path}")
+                holders[part].checkpoint_name_or_path = None
+    checkpoints = {}
+    if not problems:
+        try:
+            checkpoints = configured_checkpoints(config)
+        except UserError as err:
+            problems.append(str(err))
+
+    tokenizer_kwargs = _section(_section(yaml.get("processor")).get("tokenizer"))
+    tokenizer_kwargs.pop("type", None)
+    yaml_vocab = tokenizer_kwargs.pop("vocab_file", None)
+    vocab = args.vocab_file or yaml_vocab
+    vocab_file = resolve_path(vocab, REPO_ROOT) if vocab else None
+    if vocab_file is None or not os.path.isfile(vocab_file):
+        where = "--vocab_file" if args.vocab_file else f"processor.tokenizer.vocab_file in {config_path}"
+        problems.append(f"tokenizer vocab file not found: {vocab} ({where}); pass --vocab_file or put the path "
+                        "of VisualGLM-6B's ice_text.model in the yaml")
+    if problems:
+        raise UserError("; ".join(problems))
+
+    image_processor = _section(_section(yaml.get("processor")).get("image_processor")) or None
+    if image_processor:
+        image_processor.pop("type", None)
+    seed = args.seed if getattr(args, "seed", None) is not None else yaml.get("seed")
+    return RunSettings(config_path=config_path, yaml=yaml, config=config, device_target=target,
+                       device_id=args.device_id, vocab_file=vocab_file, tokenizer_kwargs=tokenizer_kwargs,
+                       image_processor_kwargs=image_processor, checkpoints=checkpoints, seed=seed,
+                       max_device_memory=context.get("max_device_memory"), skipped=skipped)
+
+
+def is_whole_model(path):
+    """Whether a checkpoint holds ViT and GLM parameters too (names only: nothing is kept in memory)."""
+    import mindspore as ms
+    names = []
+    try:
+        ms.load_checkpoint(path, choice_func=lambda name: names.append(name) and False)
+    except (ValueError, RuntimeError, OSError) as err:
+        raise UserError(f"cannot read the checkpoint {path}: {_first_line(err)}") from None
+    return any(n.startswith("visual_encoder.") for n in names) and any(n.startswith("llm_model.") for n in names)
+
+
+# ----------------------------------------------------------------------------------------------- building
+def set_device(target, device_id=0, max_device_memory=None):
+    """GRAPH mode on the device (`ms.set_device`, the non-deprecated form of set_context(device_target=,
+    device_id=)); max_device_memory only on Ascend."""
+    import mindspore as ms
+    ms.set_context(mode=ms.GRAPH_MODE)
+    try:
+        ms.set_device(target, device_id)
+    except RuntimeError as err:
+        # Already running (main() called again in one process): fine if it is the same device.
+        if "initialized" not in str(err) or ms.get_context("device_target") != target:
+            raise UserError(f"device target {target} is not available: {_first_line(err)}") from None
+    except ValueError as err:
+        raise UserError(f"bad device {target}:{device_id}: {_first_line(err)}") from None
+    if target == "Ascend" and max_device_memory:
+        ms.runtime.set_memory(max_size=str(max_device_memory))
+
+
+def build_tokenizer(settings):
+    from visualglm.tokenization import ChatGLMTokenizer
+    try:
+        tokenizer = ChatGLMTokenizer(settings.vocab_file, **settings.tokenizer_kwargs)
+    except TypeError as err:
+        raise UserError(f"bad processor.tokenizer section in {settings.config_path}: {_first_line(err)}") from None
+    text = settings.config.text_config
+    wrong = [f"{name} {getattr(tokenizer, name)} (model {getattr(text, name)})"
+             for name in ("bos_token_id", "eos_token_id", "gmask_token_id", "mask_token_id")
+             if getattr(tokenizer, name) != getattr(text, name)]
+    if tokenizer.vocab_size > text.vocab_size:
+        wrong.append(f"vocab_size {tokenizer.vocab_size} (model {text.vocab_size})")
+    if wrong:
+        raise UserError(f"the tokenizer {settings.vocab_file} does not fit the model config {settings.config_path}: "
+                        + ", ".join(wrong))
+    return tokenizer
+
+
+def build_image_processor(settings):
+    from visualglm.processing import VisualGLMImageProcessor
+    if not settings.image_processor_kwargs:
+        return VisualGLMImageProcessor.from_config(settings.config)
+    try:
+        return VisualGLMImageProcessor(**settings.image_processor_kwargs)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"bad processor.image_processor section in {settings.config_path}: "
+                        f"{_first_line(err)}") from None
+
+
+def build_network(settings):
+    """The model with its checkpoints loaded (no weight memory until then), in eval mode."""
+    from visualglm.modeling import CheckpointMismatchError, build_model, load_weights
+    model = build_model(settings.config, delay_init=True)
+    try:
+        load_weights(model, **settings.checkpoints)
+    except CheckpointMismatchError as err:
+        if settings.skipped:
+            raise CheckpointMismatchError(f"{err} (the yaml's checkpoints {', '.join(settings.skipped)} do not "
+                                          "exist and were skipped for --checkpoint)") from None
+        raise
+    except (ValueError, RuntimeError, OSError) as err:
+        paths = ", ".join(settings.checkpoints.values())
+        raise UserError(f"cannot load the checkpoint(s) {paths}: {_first_line(err)}") from None
+    model.set_train(False)
+    return model
+
+
+def generation_config(args, settings):
+    from visualglm.generation import GenerationConfig
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                            do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                            seed=None if settings is None else settings.seed).check()
+
+
+@dataclass
+class Components:
+    settings: RunSettings
+    model: object
+    tokenizer: object
+    image_processor: object
+    processor: object
+    generation: object       # GenerationConfig from the arguments
+
+
+def build_components(args):
+    """Check the arguments, set the device, build tokenizer, processors and the model."""
+    from visualglm.processing import VisualGLMProcessor
+    settings = load_settings(args)
+    generation = generation_config(args, settings)
+    tokenizer = build_tokenizer(settings)
+    image_processor = build_image_processor(settings)
+    processor = VisualGLMProcessor.from_config(settings.config, tokenizer, image_processor)
+    set_device(settings.device_target, settings.device_id, settings.max_device_memory)
+    model = build_network(settings)
+    return Components(settings, model, tokenizer, image_processor, processor, generation)
+
+
+def build_engine(components, args):
+    from visualglm.chat import VisualGLMChat
+    return VisualGLMChat(components.model, components.processor, components.generation, use_past=args.use_past)
+
+
+# ----------------------------------------------------------------------------------------------- output
+def format_response(answers):
+    """The scripts' result line: `Response: ['answer 1', 'answer 2']` (the Python repr of the list)."""
+    return f"Response: {list(answers)!r}"
+
+
+def stream_answer(engine, sample, english, write):
+    """Generate one answer, writing text as it becomes stable; returns the final answer.
+    The last character is held back until the next token (process_response may still change it)."""
+    printed, answer = "", ""
+    for answer, _ in engine.stream_chat(sample.prompt, image=sample.image, english=english):
+        stable = answer[:-1].rstrip("\ufffd")
+        if stable.startswith(printed) and len(stable) > len(printed):
+            write(stable[len(printed):])
+            printed = stable
+    if answer.startswith(printed):
+        write(answer[len(printed):])
+    else:   # the cleaned answer changed text already shown: show it whole
+        write("\n" + answer)
+    write("\n")
+    return answer
