@@ -33,6 +33,8 @@ class FinetuneLoss(nn.Cell):
         self.model = model
 
     def construct(self, image, input_ids, labels, position_id, attention_mask, image_start):
+        if attention_mask.ndim == 4:   # the dataset's [B, 1, L, L]
+            attention_mask = attention_mask.squeeze(1)
         logits = self.model(input_ids, position_id, attention_mask, image, None, image_start)
         logits = logits[:, :-1].astype(ms.float32)
         targets = labels[:, 1:]

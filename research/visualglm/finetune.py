@@ -1,0 +1,184 @@
+"""LoRA finetuning driven by `run_visualglm_lora.yaml` (spec §15, §16.4): base model and tokenizer as the
+inference scripts build them, LoRA from `model.model_config.pet_config`, the dataset of
+`train_dataset`, `AnnealingLR` from `lr_schedule`, AdamWeightDecay from `optimizer`, clipping and loss
+scale from `runner_wrapper`; data parallel over every rank that `msrun` (CPU, Ascend) or
+`run_singlenode.sh` (Ascend, rank table) started.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+
+from visualglm.errors import UserError
+
+
+def _get(node, key, default=None):
+    if node is None:
+        return default
+    value = node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
+    return default if value is None else value
+
+
+def init_distributed(use_parallel):
+    """(rank, size). Initialises communication when the yaml asks for it or a launcher started several
+    workers (msrun sets MS_WORKER_NUM, run_singlenode.sh RANK_SIZE)."""
+    import mindspore as ms
+    workers = int(os.environ.get("MS_WORKER_NUM", os.environ.get("RANK_SIZE", "1")) or 1)
+    if not use_parallel and workers <= 1:
+        return 0, 1
+    from mindspore.communication import get_group_size, get_rank, init
+    init()
+    rank, size = get_rank(), get_group_size()
+    ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=size)
+    return rank, size
+
+
+def lora_settings(yaml):
+    """pet_config of the model config (or of text_config, where some MindFormers yamls put it)."""
+    model_config = yaml.model.model_config
+    pet = _get(model_config, "pet_config") or _get(_get(model_config, "text_config"), "pet_config")
+    if not pet:
+        raise UserError("the finetune yaml has no model.model_config.pet_config (pet_type: lora, lora_rank, ...)")
+    pet = pet.to_dict() if hasattr(pet, "to_dict") else dict(pet)
+    if str(pet.get("pet_type", "lora")).lower() != "lora":
+        raise UserError(f"pet_type {pet.get('pet_type')!r} is not supported: only lora")
+    return dict(lora_rank=int(pet.get("lora_rank", 10)), lora_alpha=float(pet.get("lora_alpha", 128)),
+                lora_dropout=float(pet.get("lora_dropout", 0.0)), layer_range=pet.get("layer_range", [0, 14]),
+                target_modules=pet.get("target_modules") or None,
+                param_init_type=pet.get("param_init_type", "float32"))
+
+
+def run_finetune(args):
+    """Train; returns {'steps', 'losses', 'trainable_checkpoint'}."""
+    import mindspore as ms
+    from mindspore.train import Model
+    from visualglm import app
+    from visualglm.dataset import build_finetune_dataset, read_dataset_json
+    from visualglm.lora import apply_lora
+    from visualglm.lr_schedule import AnnealingLR
+    from visualglm.processing import VisualGLMProcessor
+    from visualglm.training import (CheckpointSaver, FinetuneLoss, TrainStep, TrainingMonitor, build_optimizer,
+                                    resume_training_state)
+
+    from mindformers.tools.register import MindFormerConfig
+    config_path = app.resolve_path(args.config, app.PACKAGE_DIR, app.REPO_ROOT)
+    if config_path is None:
+        raise UserError(f"config file not found: {args.config}")
+    yaml = MindFormerConfig(config_path)
+    data_section = _get(yaml, "train_dataset", {})
+    loader = _get(data_section, "data_loader", {})
+    source_len = int(_get(data_section, "max_source_length", 64))
+    target_len = int(_get(data_section, "max_target_length", 256))
+    dataset_json = args.dataset_dir or _get(loader, "dataset_dir")
+    if not dataset_json:
+        raise UserError("no dataset: set train_dataset.data_loader.dataset_dir in the yaml or pass --dataset_dir")
+    dataset_path = app.resolve_path(dataset_json, app.REPO_ROOT)
+    if dataset_path is None:
+        raise UserError(f"dataset file not found: {dataset_json}")
+    samples = read_dataset_json(dataset_path)     # malformed entries and missing images fail before the model
+
+    settings = app.load_settings(argparse.Namespace(
+        config=config_path, device_target=args.device_target, device_id=args.device_id,
+        batch_size=1, use_past=False, seq_length=source_len + target_len, compute_dtype=args.compute_dtype,
+        checkpoint=args.checkpoint, vocab_file=args.vocab_file, seed=args.seed))
+    import mindspore as ms  # noqa: F811
+    app.set_device(settings.device_target, args.device_id, settings.max_device_memory)
+    if args.graph_mode:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+    rank, size = init_distributed(bool(_get(yaml, "use_parallel", False)))
+    seed = int(settings.seed or 0)
+    ms.set_seed(seed)
+    np.random.seed(seed)
+
+    tokenizer = app.build_tokenizer(settings)
+    image_processor = app.build_image_processor(settings)
+    processor = VisualGLMProcessor.from_config(settings.config, tokenizer, image_processor)
+    lr_section = _get(yaml, "lr_schedule", {})
+    lr_args = {k: v for k, v in (lr_section.to_dict() if hasattr(lr_section, "to_dict") else dict(lr_section)).items()
+               if k != "type"}
+    if args.num_iters is not None:
+        lr_args["num_iters"] = args.num_iters
+    batch_size = args.batch_size
+    dataset = build_finetune_dataset(samples, processor, settings.config, batch_size,
+                                     max_source_length=source_len, max_target_length=target_len,
+                                     random_mapping=bool(_get(loader, "random_mapping", True)),
+                                     num_iters=int(lr_args.get("num_iters", 1500)), rank_id=rank, rank_size=size,
+                                     image_processor=image_processor)
+    epochs = int(_get(_get(yaml, "runner_config", {}), "epochs", 1))
+    steps_per_epoch = dataset.get_dataset_size()
+    total_steps = epochs * steps_per_epoch
+
+    model = app.build_network(settings)
+    wrapped = apply_lora(model, **lora_settings(yaml))
+    model.set_train(True)
+    schedule = AnnealingLR(**lr_args)
+    opt_section = _get(yaml, "optimizer", {})
+    optimizer = build_optimizer(model.trainable_params(), schedule,
+                                beta1=float(_get(opt_section, "beta1", 0.9)), beta2=float(_get(opt_section, "beta2", 0.95)),
+                                eps=float(_get(opt_section, "eps", 1e-8)),
+                                weight_decay=float(_get(opt_section, "weight_decay", 0.01)))
+    wrapper = _get(yaml, "runner_wrapper", {})
+    max_grad_norm = float(_get(wrapper, "max_grad_norm", 1.0)) if _get(wrapper, "use_clip_grad", True) else None
+    loss_scale = None
+    if settings.config.compute_dtype == "float16":   # fp16 gradients need scaling; fp32/bf16 do not
+        scale = _get(wrapper, "scale_sense", {})
+        from mindspore import nn
+        loss_scale = nn.DynamicLossScaleUpdateCell(float(_get(scale, "loss_scale_value", 65536)),
+                                                   float(_get(scale, "scale_factor", 2)),
+                                                   int(_get(scale, "scale_window", 400)))
+    train_step = TrainStep(FinetuneLoss(model), optimizer, max_grad_norm, loss_scale)
+    train_step.set_train(True)
+
+    output_dir = args.output_dir or _get(yaml, "output_dir", "./output")
+    state_dir = os.path.join(output_dir, "checkpoint", f"rank_{rank}")
+    start = resume_training_state(train_step, state_dir) if args.resume else 0
+    if start >= total_steps:
+        raise UserError(f"nothing to resume: {state_dir} is already at step {start} of {total_steps}")
+    dataset = dataset.repeat(epochs)
+    if start:
+        dataset = dataset.skip(start)
+    save_steps = args.save_steps or int(_get(_first_callback(yaml, "Checkpoint"), "save_checkpoint_steps", total_steps))
+    saver = CheckpointSaver(train_step, output_dir, rank, save_steps, step_offset=start)
+    monitor = TrainingMonitor(total_steps, batch_size, source_len + target_len, schedule, args.log_steps, start)
+    print(f"rank {rank}/{size}: LoRA on {len(wrapped)} Linears ({sum(int(np.prod(p.shape)) for p in model.trainable_params())} "
+          f"trainable parameters), {len(samples)} samples, {total_steps} steps"
+          + (f", resuming at step {start}" if start else ""), flush=True)
+    Model(train_step).train(1, dataset, callbacks=[monitor, saver], dataset_sink_mode=False)
+    return {"steps": total_steps, "start": start, "losses": monitor.losses,
+            "trainable_checkpoint": saver.trainable_path}
+
+
+def _first_callback(yaml, name):
+    for callback in _get(yaml, "callbacks", []) or []:
+        if name.lower() in str(_get(callback, "type", "")).lower():
+            return callback
+    return {}
+
+
+def add_finetune_args(parser):
+    parser.add_argument("--config", "--config_path", dest="config", default="run_visualglm_lora.yaml",
+                        help="finetune yaml (looked up next to the scripts too); default: %(default)s")
+    parser.add_argument("--graph_mode", type=int, choices=(0, 1), default=0, help="0: GRAPH (default), 1: PyNative")
+    parser.add_argument("--batch_size", type=int, default=1, help="samples per step per rank (default 1)")
+    parser.add_argument("--device_id", type=int, default=int(os.environ.get("DEVICE_ID", 0)),
+                        help="device id (default: $DEVICE_ID or 0)")
+    parser.add_argument("--device_target", default=None, help="CPU or Ascend (default: the yaml's context)")
+    parser.add_argument("--compute_dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                        help="matmul dtype (default: the yaml's; float32 on CPU)")
+    parser.add_argument("--checkpoint", default=None, help="base model checkpoint (Q-Former or whole model)")
+    parser.add_argument("--vocab_file", default=None, help="tokenizer model (overrides the yaml)")
+    parser.add_argument("--dataset_dir", default=None, help="dataset.json (overrides train_dataset.data_loader)")
+    parser.add_argument("--num_iters", type=int, default=None, help="overrides lr_schedule.num_iters")
+    parser.add_argument("--save_steps", type=int, default=None, help="checkpoint every N steps (default: the yaml's)")
+    parser.add_argument("--log_steps", type=int, default=1, help="log every N steps")
+    parser.add_argument("--output_dir", default=None, help="default: the yaml's output_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest output/checkpoint/rank_N state (same config and seed)")
+    parser.add_argument("--seed", type=int, default=None, help="default: the yaml's seed")
+    return parser
+
+
+def summary_json(result):
+    return json.dumps({k: v for k, v in result.items() if k != "losses"} | {"final_loss": result["losses"][-1]
+                                                                           if result["losses"] else None})
