@@ -176,3 +176,42 @@ def chat_model(chatglm_tokenizer, chat_checkpoint):
 def chat_processor(chatglm_tokenizer, chat_model):
     from visualglm.processing import VisualGLMProcessor
     return VisualGLMProcessor.from_config(chat_model.config, chatglm_tokenizer)
+
+
+# ---- yaml files for the tokenizer-matched tiny model (finetune and script tests) ----
+def _config_section(config):
+    """A VisualGLMConfig as the yaml's model.model_config (sizes, ids and dtypes only)."""
+    keep_top = ("batch_size", "freeze_vision", "freeze_text", "max_txt_len", "dtype", "compute_dtype",
+                "layernorm_compute_type", "softmax_compute_type", "ln_vision_eps", "image_placeholder_id")
+    section = {k: getattr(config, k) for k in keep_top}
+    parts = {"vision_config": ("ViTConfig", ("image_size", "patch_size", "num_channels", "hidden_size",
+                                             "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                                             "layer_norm_eps")),
+             "qformer_config": ("QFormerConfig", ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                  "intermediate_size", "layer_norm_eps", "encoder_width",
+                                                  "query_length", "cross_attention_layers")),
+             "text_config": ("GLMConfig", ("vocab_size", "hidden_size", "num_layers", "num_heads",
+                                           "inner_hidden_size", "seq_length", "layernorm_epsilon", "use_past",
+                                           "bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id",
+                                           "smask_token_id", "pad_token_id"))}
+    for key, (type_name, fields) in parts.items():
+        part = getattr(config, key)
+        section[key] = {"type": type_name, **{f: getattr(part, f) for f in fields}}
+    return {"type": "VisualGLMConfig", **section}
+
+
+def write_tiny_yaml(path, base_yaml, config, checkpoint, vocab_file, pet_config=None, **top_level):
+    """Copy of one of the shipped yamls with the tiny model, its whole-model checkpoint, the test tokenizer
+    and the CPU; `top_level` replaces top-level sections (e.g. lr_schedule=...)."""
+    import yaml
+    data = yaml.safe_load(Path(base_yaml).read_text(encoding="utf-8"))
+    section = _config_section(config)
+    section["checkpoint_name_or_path"] = str(checkpoint)
+    if "pet_config" in data["model"]["model_config"]:
+        section["pet_config"] = {**data["model"]["model_config"]["pet_config"], **(pet_config or {})}
+    data["model"]["model_config"] = section
+    data["context"]["device_target"] = "CPU"
+    data["processor"]["tokenizer"]["vocab_file"] = str(vocab_file)
+    data.update(top_level)
+    Path(path).write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return str(path)

@@ -7,6 +7,7 @@ the repository root, so the README's commands work from the root and from resear
 """
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -113,6 +114,9 @@ def check_images(samples):
     problems, checked = [], {}
     for sample in samples:
         if sample.image is None:
+            continue
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", sample.image):
+            problems.append(f"image {sample.image}: URLs are not supported, download the image and pass the file")
             continue
         resolved = resolve_path(sample.image, REPO_ROOT)
         if resolved is None:
@@ -262,7 +266,8 @@ def is_whole_model(path):
     try:
         ms.load_checkpoint(path, choice_func=lambda name: names.append(name) and False)
     except (ValueError, RuntimeError, OSError) as err:
-        raise UserError(f"cannot read the checkpoint {path}: {_first_line(err)}") from None
+        if not names:   # with names seen, this is MindSpore refusing to return an empty dict
+            raise UserError(f"cannot read the checkpoint {path}: {_first_line(err)}") from None
     return any(n.startswith("visual_encoder.") for n in names) and any(n.startswith("llm_model.") for n in names)
 
 
@@ -349,14 +354,37 @@ class Components:
     generation: object       # GenerationConfig from the arguments
 
 
-def build_components(args):
-    """Check the arguments, set the device, build tokenizer, processors and the model."""
+def check_lengths(samples, processor, config, generation, english=False):
+    """Fail before the model is built when a prompt (plus max_new_tokens, or max_length) does not fit
+    text_config.seq_length, the KV-cache length: prompt + answer budget. Never capped silently."""
+    from visualglm.generation import SequenceTooLongError
+    seq_length = config.text_config.seq_length
+    if generation.max_length is not None and generation.max_length > seq_length:
+        raise SequenceTooLongError(f"max_length {generation.max_length} exceeds the model's seq_length {seq_length}: "
+                                   "raise --seq_length")
+    for sample in samples:
+        ids, _ = processor.build_input_ids(sample.prompt, english=english, with_image=sample.image is not None)
+        limit = generation.max_length or seq_length
+        if len(ids) >= limit:
+            raise SequenceTooLongError(f"prompt {sample.id} has {len(ids)} tokens and leaves no room to generate "
+                                       f"within {limit} tokens (seq_length {seq_length}): raise --seq_length")
+        if generation.max_new_tokens is not None and len(ids) + generation.max_new_tokens > limit:
+            what = f"max_length {limit}" if generation.max_length else f"the model's seq_length {seq_length}"
+            raise SequenceTooLongError(f"prompt {sample.id} of {len(ids)} tokens + max_new_tokens "
+                                       f"{generation.max_new_tokens} exceeds {what}: raise --seq_length or lower "
+                                       "--max_new_tokens")
+
+
+def build_components(args, samples=()):
+    """Check the arguments (and that the samples' prompts fit), set the device, build tokenizer,
+    processors and the model."""
     from visualglm.processing import VisualGLMProcessor
     settings = load_settings(args)
     generation = generation_config(args, settings)
     tokenizer = build_tokenizer(settings)
     image_processor = build_image_processor(settings)
     processor = VisualGLMProcessor.from_config(settings.config, tokenizer, image_processor)
+    check_lengths(samples, processor, settings.config, generation, getattr(args, "english", False))
     set_device(settings.device_target, settings.device_id, settings.max_device_memory)
     model = build_network(settings)
     return Components(settings, model, tokenizer, image_processor, processor, generation)

@@ -5,7 +5,6 @@ scale from `runner_wrapper`; data parallel over every rank that `msrun` (CPU, As
 `run_singlenode.sh` (Ascend, rank table) started.
 """
 import argparse
-import json
 import os
 
 import numpy as np
@@ -145,7 +144,7 @@ def run_finetune(args):
           f"trainable parameters), {len(samples)} samples, {total_steps} steps"
           + (f", resuming at step {start}" if start else ""), flush=True)
     Model(train_step).train(1, dataset, callbacks=[monitor, saver], dataset_sink_mode=False)
-    return {"steps": total_steps, "start": start, "losses": monitor.losses,
+    return {"steps": total_steps, "start": start, "losses": monitor.losses, "model": model,
             "trainable_checkpoint": saver.trainable_path}
 
 
@@ -179,6 +178,3 @@ def add_finetune_args(parser):
     return parser
 
 
-def summary_json(result):
-    return json.dumps({k: v for k, v in result.items() if k != "losses"} | {"final_loss": result["losses"][-1]
-                                                                           if result["losses"] else None})

@@ -28,7 +28,7 @@ def main(argv=None):
     print(args, flush=True)
     app.check_arguments(args)
     samples = app.collect_samples(args)
-    components = app.build_components(args)
+    components = app.build_components(args, samples)
     engine = app.build_engine(components, args)
     answers = []
     for _ in range(args.generate_repeat_time):

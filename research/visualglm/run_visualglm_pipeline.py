@@ -30,7 +30,7 @@ def main(argv=None):
     print(args, flush=True)
     app.check_arguments(args)
     samples = app.collect_samples(args)
-    parts = app.build_components(args)
+    parts = app.build_components(args, samples)
     generation = {k: v for k, v in vars(parts.generation).items() if k != "banned_token_ranges"}
     pipe = pipeline(task=TASK, model=parts.model, image_processor=parts.image_processor,
                     tokenizer=parts.tokenizer, batch_size=args.batch_size, use_past=args.use_past,

@@ -1,0 +1,205 @@
+"""LoRA finetuning end to end on the tokenizer-matched tiny model: learning with only LoRA changing,
+kill-and-resume equality, data parallel with msrun, atomic checkpoints and bad LoRA settings."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from argparse import ArgumentParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import mindspore as ms
+
+from conftest import REPO, SCRIPTS, tokenizer_matched_config, write_tiny_yaml
+from visualglm.errors import UserError
+
+FINETUNE = SCRIPTS / "run_visualglm_finetune.py"
+
+
+def _yaml(tmp_path, tokenizer, checkpoint, vocab, name="lora.yaml", num_iters=6, dataset=None, use_parallel=False,
+          learning_rate=1e-2, **pet):
+    return write_tiny_yaml(
+        tmp_path / name, SCRIPTS / "run_visualglm_lora.yaml", tokenizer_matched_config(tokenizer, use_past=False),
+        checkpoint, vocab, pet_config=dict(dict(layer_range=[0, 2], lora_rank=4, lora_alpha=8), **pet),
+        use_parallel=use_parallel,
+        lr_schedule=dict(type="AnnealingLR", learning_rate=learning_rate, warmup_steps=2, num_iters=num_iters,
+                         auto_warmup_steps=1),
+        train_dataset=dict(data_loader=dict(dataset_dir=str(dataset or REPO / "finetune" / "dataset.json"),
+                                            random_mapping=True), max_source_length=64, max_target_length=48),
+        runner_wrapper=dict(type="MFTrainOneStepCell", use_clip_grad=True, max_grad_norm=1.0))
+
+
+def _run_in_process(yaml_path, output_dir, *extra):
+    from visualglm.finetune import add_finetune_args, run_finetune
+    args = add_finetune_args(ArgumentParser()).parse_args(
+        ["--config", str(yaml_path), "--output_dir", str(output_dir), *extra])
+    return run_finetune(args)
+
+
+def _env(tmp_path):
+    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(tmp_path / "mf_log"))
+    env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env["PATH"]   # msrun starts `python`
+    return env
+
+
+def _trainable(path):
+    return {n: p.asnumpy() for n, p in ms.load_checkpoint(str(path)).items()}
+
+
+def test_lora_training_learns_and_changes_only_lora(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file,
+                                                    capsys):
+    yaml_path = _yaml(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file, num_iters=40)
+    result = _run_in_process(yaml_path, tmp_path / "out", "--batch_size", "2", "--log_steps", "5")
+    losses = result["losses"]
+    assert result["steps"] == len(losses) == 44          # scale = 40·2·1 // 8 + 1 = 11 -> 88 samples / 2
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
+    base = ms.load_checkpoint(chat_checkpoint)
+    trained = {p.name: p.asnumpy() for p in result["model"].get_parameters()}
+    frozen = [n for n in trained if "mindpet_delta_lora" not in n and not n.endswith("_past")]
+    assert len(frozen) == len([n for n in base if not n.endswith("_past")])
+    for name in frozen:
+        np.testing.assert_array_equal(trained[name], base[name].asnumpy(), err_msg=name)
+    lora = _trainable(result["trainable_checkpoint"])
+    assert sorted(lora) == sorted(n for n in trained if "mindpet_delta_lora" in n) and len(lora) == 8
+    assert all(np.abs(v).max() > 0 for n, v in lora.items() if n.endswith("lora_b"))   # B starts at zero
+    out = capsys.readouterr().out
+    assert "step 5/44 loss" in out and "samples/s" in out and "tokens/s" in out and "eta" in out
+
+
+def test_logged_learning_rate_follows_the_annealing_formula(tmp_path, chatglm_tokenizer, chat_checkpoint,
+                                                           chatglm_vocab_file, capsys):
+    import math
+    yaml_path = _yaml(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file, num_iters=6)
+    _run_in_process(yaml_path, tmp_path / "out")
+    logged = [float(line.split(" lr ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+              if line.startswith("step ")]
+    start, warmup, horizon = 1e-2, 2, 6
+
+    def spec_lr(s):   # spec §15.6 with last_iter -1, auto_warmup_steps 1, decay_ratio 0.1 (D = 10)
+        if s <= -1 + 1:
+            return min(start * 0.05, start * s / warmup)
+        if s <= warmup:
+            return start * s / warmup
+        r = min(1.0, (s - warmup) / horizon)
+        return start / 10 * ((math.cos(math.pi * r) + 1) * 9 / 2 + 1)
+    assert len(logged) == 8
+    np.testing.assert_allclose(logged, [spec_lr(s) for s in range(8)], rtol=5e-4)   # logged with 4 digits
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file):
+    yaml_path = _yaml(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file, num_iters=24)
+    command = [sys.executable, str(FINETUNE), "--config", yaml_path, "--save_steps", "1"]
+    env = _env(tmp_path)
+    full = subprocess.run(command + ["--output_dir", str(tmp_path / "full")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    states = tmp_path / "killed" / "checkpoint" / "rank_0"
+    process = subprocess.Popen(command + ["--output_dir", str(tmp_path / "killed")], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(states.glob("*-1_5.ckpt")):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL                    # really killed mid-run
+    reached = max(int(p.name.split("_")[-1][:-5]) for p in states.glob("*.ckpt") if ".tmp-" not in p.name)
+    assert 5 <= reached < 32
+    resumed = subprocess.run(command + ["--output_dir", str(tmp_path / "killed"), "--resume"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resuming at step {reached}" in resumed.stdout
+    name = "checkpoint_trainable/rank_0/visualglm_rank_0-trainable_params.ckpt"
+    expected, actual = _trainable(tmp_path / "full" / name), _trainable(tmp_path / "killed" / name)
+    assert sorted(expected) == sorted(actual)
+    for key in expected:
+        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+    final_full = _trainable(tmp_path / "full/checkpoint/rank_0/visualglm_rank_0-1_32.ckpt")
+    final_resumed = _trainable(tmp_path / "killed/checkpoint/rank_0/visualglm_rank_0-1_32.ckpt")
+    for key in final_full:                                    # optimizer moments and step too
+        np.testing.assert_array_equal(final_resumed[key], final_full[key], err_msg=key)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_data_parallel_with_msrun_equals_one_process_on_the_combined_batch(tmp_path, chatglm_tokenizer,
+                                                                          chat_checkpoint, chatglm_vocab_file):
+    # Equal label lengths, so the mean of per-rank losses equals the loss of the combined batch.
+    samples = json.loads((REPO / "finetune" / "dataset.json").read_text(encoding="utf-8"))
+    for sample in samples:
+        sample["img"] = str(REPO / "finetune" / sample["img"])
+        sample["label"] = "这张图片的背景是蓝色的。"
+    dataset = tmp_path / "dataset.json"
+    dataset.write_text(json.dumps(samples, ensure_ascii=False), encoding="utf-8")
+    common = dict(num_iters=4, dataset=dataset)
+    parallel_yaml = _yaml(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file, "dp.yaml",
+                          use_parallel=True, **common)
+    single_yaml = _yaml(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file, "single.yaml", **common)
+    env = _env(tmp_path)
+    msrun = subprocess.run(
+        ["msrun", "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1",
+         f"--master_port={_free_port()}", f"--log_dir={tmp_path / 'msrun_log'}", "--join=True",
+         str(FINETUNE), "--config", parallel_yaml, "--output_dir", str(tmp_path / "dp"), "--batch_size", "1"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+    logs = "".join(p.read_text(errors="replace")[-1500:] for p in (tmp_path / "msrun_log").glob("*.log"))
+    assert msrun.returncode == 0, logs
+    single = subprocess.run([sys.executable, str(FINETUNE), "--config", single_yaml, "--output_dir",
+                             str(tmp_path / "single"), "--batch_size", "2"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    name = "visualglm_rank_{r}-trainable_params.ckpt"
+    rank0 = _trainable(tmp_path / "dp/checkpoint_trainable/rank_0" / name.format(r=0))
+    rank1 = _trainable(tmp_path / "dp/checkpoint_trainable/rank_1" / name.format(r=1))
+    alone = _trainable(tmp_path / "single/checkpoint_trainable/rank_0" / name.format(r=0))
+    assert sorted(rank0) == sorted(rank1) == sorted(alone)
+    for key in rank0:
+        np.testing.assert_array_equal(rank0[key], rank1[key], err_msg=key)
+        assert np.abs(rank0[key] - alone[key]).max() <= 1e-6, key
+        if key.endswith("lora_b"):
+            assert np.abs(rank0[key]).max() > 0
+
+
+def test_atomic_save_leaves_no_partial_file(tmp_path):
+    from visualglm.training import atomic_save
+    target = tmp_path / "state.ckpt"
+    target.write_bytes(b"previous")
+
+    def broken(tmp):
+        Path(tmp).write_bytes(b"half")
+        raise OSError("disk full")
+    with pytest.raises(OSError):
+        atomic_save(broken, str(target))
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["state.ckpt"]
+    atomic_save(lambda tmp: Path(tmp).write_bytes(b"new"), str(target))
+    assert target.read_bytes() == b"new" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_lora_targets_that_match_nothing_are_refused(chat_model):
+    from visualglm.lora import apply_lora, lora_layer_indices
+    with pytest.raises(UserError, match="match no Linear"):
+        apply_lora(chat_model, target_modules=r"attention\.nothing$", layer_range=[0])
+    with pytest.raises(UserError, match="layer_range"):
+        lora_layer_indices([0, 14], 3)
+    assert lora_layer_indices([0, 14], 28) == [0, 14] and lora_layer_indices(2, 28) == [0, 1]
+
+
+def test_bad_dataset_fails_before_training(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file):
+    dataset = tmp_path / "dataset.json"
+    dataset.write_text(json.dumps([{"img": "missing.png", "prompt": "你好", "label": "好"},
+                                   {"img": str(REPO / "finetune" / "sea.png"), "prompt": 3, "label": "x"}]))
+    yaml_path = _yaml(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file, dataset=dataset)
+    result = subprocess.run([sys.executable, str(FINETUNE), "--config", yaml_path, "--output_dir",
+                             str(tmp_path / "out")], env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error:") and "Traceback" not in result.stderr
+    assert "1" in errors[0] and "prompt" in errors[0]
+    assert not (tmp_path / "out").exists()
