@@ -224,6 +224,9 @@ def test_config_checkpoint_and_tokenizer_problems(tiny_yaml, tmp_path, capsys, c
                                                   chatglm_vocab_file):
     code, _, err = run_in_process(["--config", str(tmp_path / "none.yaml")], capsys)
     assert_one_line_error(code, err, "config file not found", "none.yaml")
+    (tmp_path / "other.yaml").write_text("seed: 1\n")
+    code, _, err = run_in_process(["--config", str(tmp_path / "other.yaml")], capsys)
+    assert_one_line_error(code, err, "has no model.model_config section")
     code, _, err = run_in_process(["--config", tiny_yaml, "--checkpoint", str(tmp_path / "none.ckpt"),
                                    "--vocab_file", str(tmp_path / "none.model")], capsys)
     assert_one_line_error(code, err, "none.ckpt (--checkpoint)", "tokenizer vocab file not found", "none.model")

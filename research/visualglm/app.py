@@ -191,10 +191,11 @@ def load_settings(args):
         raise UserError(f"config file not found: {args.config}")
     try:
         yaml = MindFormerConfig(config_path)
-        model_section = yaml.model.model_config
     except Exception as err:  # noqa: BLE001 - any parse error of a user file is a one-line message
-        raise UserError(f"cannot read the config {config_path}: {_first_line(err)} (expected a MindFormers "
-                        "yaml with model.model_config)") from None
+        raise UserError(f"cannot read the config {config_path}: {_first_line(err)}") from None
+    if not _section(_section(yaml.get("model")).get("model_config")):
+        raise UserError(f"the config {config_path} has no model.model_config section (expected a MindFormers "
+                        "yaml like run_visualglm_6b_image_to_text_generation.yaml)")
     context = _section(yaml.get("context"))
     target = device_target_of(args.device_target or context.get("device_target") or "CPU")
 

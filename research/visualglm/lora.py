@@ -111,3 +111,18 @@ def merged_weights(model):
             b = cell.mindpet_delta_lora_b.asnumpy().astype(np.float32)
             merged[cell.weight.name] = cell.weight.asnumpy().astype(np.float32) + np.float32(cell.scaling) * (b @ a)
     return merged
+
+
+def save_merged_checkpoint(model, path):
+    """A plain whole-model checkpoint (no LoRA names) with every LoRA folded into its weight; it loads
+    into a model without LoRA, through model_config.checkpoint_name_or_path / --checkpoint."""
+    from visualglm.conversion import save_checkpoints
+    merged = merged_weights(model)
+    arrays = {}
+    for param in model.get_parameters():
+        if LORA_MARK in param.name or param.name.endswith(("key_past", "value_past")):
+            continue
+        value = merged.get(param.name)
+        arrays[param.name] = param.asnumpy() if value is None else value.astype(param.asnumpy().dtype)
+    save_checkpoints({path: arrays})
+    return len(merged)

@@ -1,0 +1,74 @@
+"""Answer questions with VisualGLM-6B plus finetuned LoRA weights (spec §16.3).
+
+    python research/visualglm/run_visualglm_with_lora.py --config run_visualglm_lora.yaml \
+        --lora_checkpoint output/checkpoint_trainable/rank_0/visualglm_rank_0-trainable_params.ckpt \
+        --image_path finetune/sea.png --prompt "这张图片的背景里有什么内容？"
+
+LoRA layers, rank and alpha come from the yaml's model.model_config.pet_config. With --merge_output the LoRA is
+folded into the base weights and saved as one plain checkpoint (load it with run_visualglm.py --checkpoint).
+Prints the arguments, then `Response: [...]` as run_visualglm.py does.
+"""
+import argparse
+import os
+import sys
+
+from visualglm import app
+from visualglm.cli import add_generation_args, add_input_args, add_model_args, run_main
+from visualglm.errors import UserError
+
+DEFAULT_CONFIG = os.path.join(app.PACKAGE_DIR, "run_visualglm_lora.yaml")
+DEFAULT_IMAGE, DEFAULT_PROMPT = "finetune/sea.png", "这张图片的背景里有什么内容？"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--lora_checkpoint", required=True,
+                        help="LoRA weights: output/checkpoint_trainable/rank_0/visualglm_rank_0-trainable_params.ckpt")
+    parser.add_argument("--merge_output", default=None,
+                        help="also save the base model with the LoRA merged into its weights to this file")
+    add_model_args(parser, DEFAULT_CONFIG)
+    add_generation_args(parser)
+    add_input_args(parser, stream=True)
+    args = parser.parse_args(argv)
+    if not args.input_file and not args.image_path:
+        args.image_path = [DEFAULT_IMAGE]
+        args.prompt = args.prompt or [DEFAULT_PROMPT]
+    return args
+
+
+def main(argv=None):
+    from visualglm.finetune import lora_settings
+    from visualglm.lora import apply_lora, load_lora, save_merged_checkpoint
+    args = parse_args(argv)
+    print(args, flush=True)
+    app.check_arguments(args)
+    lora_path = app.resolve_path(args.lora_checkpoint, app.REPO_ROOT)
+    if lora_path is None or not os.path.isfile(lora_path):
+        raise UserError(f"LoRA checkpoint not found: {args.lora_checkpoint}")
+    samples = app.collect_samples(args)
+    components = app.build_components(args, samples)
+    apply_lora(components.model, **lora_settings(components.settings.yaml))
+    load_lora(components.model, lora_path)
+    components.model.set_train(False)
+    print(f"------------------- lora checkpoint: {lora_path}", flush=True)
+    if args.merge_output:
+        count = save_merged_checkpoint(components.model, args.merge_output)
+        print(f"merged {count} LoRA weights into {args.merge_output}", flush=True)
+    engine = app.build_engine(components, args)
+    answers = []
+    for _ in range(args.generate_repeat_time):
+        if args.stream:
+            answers = [app.stream_answer(engine, sample, args.english, _write) for sample in samples]
+        else:
+            answers = engine.generate([s.image for s in samples], [s.prompt for s in samples], english=args.english)
+        print(app.format_response(answers), flush=True)
+    return answers
+
+
+def _write(text):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    run_main(main)
