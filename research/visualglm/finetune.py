@@ -34,14 +34,20 @@ def init_distributed(use_parallel):
 
 
 def lora_settings(yaml):
-    """pet_config of the model config (or of text_config, where some MindFormers yamls put it)."""
+    """LoRA arguments from the pet_config of the model config (or of text_config, where some MindFormers
+    yamls put it); None for `pet_type: full` (full-parameter training of every part the config's
+    freeze_vision / freeze_text flags leave trainable)."""
     model_config = yaml.model.model_config
     pet = _get(model_config, "pet_config") or _get(_get(model_config, "text_config"), "pet_config")
     if not pet:
-        raise UserError("the finetune yaml has no model.model_config.pet_config (pet_type: lora, lora_rank, ...)")
+        raise UserError("the finetune yaml has no model.model_config.pet_config "
+                        "(pet_type: lora with lora_rank, ... or pet_type: full)")
     pet = pet.to_dict() if hasattr(pet, "to_dict") else dict(pet)
-    if str(pet.get("pet_type", "lora")).lower() != "lora":
-        raise UserError(f"pet_type {pet.get('pet_type')!r} is not supported: only lora")
+    pet_type = str(pet.get("pet_type", "lora")).lower()
+    if pet_type == "full":
+        return None
+    if pet_type != "lora":
+        raise UserError(f"pet_type {pet.get('pet_type')!r} is not supported: lora or full")
     return dict(lora_rank=int(pet.get("lora_rank", 10)), lora_alpha=float(pet.get("lora_alpha", 128)),
                 lora_dropout=float(pet.get("lora_dropout", 0.0)), layer_range=pet.get("layer_range", [0, 14]),
                 target_modules=pet.get("target_modules") or None,
@@ -109,7 +115,12 @@ def run_finetune(args):
     total_steps = epochs * steps_per_epoch
 
     model = app.build_network(settings)
-    wrapped = apply_lora(model, **lora_settings(yaml))
+    lora = lora_settings(yaml)
+    if lora is None:
+        _unfreeze(model, settings.config)
+        what = "full-parameter training"
+    else:
+        what = f"LoRA on {len(apply_lora(model, **lora))} Linears"
     model.set_train(True)
     schedule = AnnealingLR(**lr_args)
     opt_section = _get(yaml, "optimizer", {})
@@ -140,12 +151,19 @@ def run_finetune(args):
     save_steps = args.save_steps or int(_get(_first_callback(yaml, "Checkpoint"), "save_checkpoint_steps", total_steps))
     saver = CheckpointSaver(train_step, output_dir, rank, save_steps, step_offset=start)
     monitor = TrainingMonitor(total_steps, batch_size, source_len + target_len, schedule, args.log_steps, start)
-    print(f"rank {rank}/{size}: LoRA on {len(wrapped)} Linears ({sum(int(np.prod(p.shape)) for p in model.trainable_params())} "
+    print(f"rank {rank}/{size}: {what} ({sum(int(np.prod(p.shape)) for p in model.trainable_params())} "
           f"trainable parameters), {len(samples)} samples, {total_steps} steps"
           + (f", resuming at step {start}" if start else ""), flush=True)
     Model(train_step).train(1, dataset, callbacks=[monitor, saver], dataset_sink_mode=False)
     return {"steps": total_steps, "start": start, "losses": monitor.losses, "model": model,
             "trainable_checkpoint": saver.trainable_path}
+
+
+def _unfreeze(model, config):
+    """Full-parameter training: everything trainable except what freeze_vision / freeze_text freeze."""
+    frozen = (("visual_encoder.",) if config.freeze_vision else ()) + (("llm_model.",) if config.freeze_text else ())
+    for param in model.get_parameters():
+        param.requires_grad = not param.name.startswith(frozen) and not param.name.endswith(("key_past", "value_past"))
 
 
 def _first_callback(yaml, name):
