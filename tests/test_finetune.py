@@ -144,10 +144,10 @@ def test_data_parallel_with_msrun_equals_one_process_on_the_combined_batch(tmp_p
     single_yaml = _yaml(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file, "single.yaml", **common)
     env = _env(tmp_path)
     msrun = subprocess.run(
-        ["msrun", "--worker_num=2", "--local_worker_num=2", "--master_addr=127.0.0.1",
-         f"--master_port={_free_port()}", f"--log_dir={tmp_path / 'msrun_log'}", "--join=True",
-         str(FINETUNE), "--config", parallel_yaml, "--output_dir", str(tmp_path / "dp"), "--batch_size", "1"],
-        env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
+        ["bash", str(REPO / "research" / "run_msrun.sh"), "2", "--config", parallel_yaml, "--output_dir",
+         str(tmp_path / "dp"), "--batch_size", "1"],
+        env=dict(env, MASTER_PORT=str(_free_port()), LOG_DIR=str(tmp_path / "msrun_log")),
+        capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     logs = "".join(p.read_text(errors="replace")[-1500:] for p in (tmp_path / "msrun_log").glob("*.log"))
     assert msrun.returncode == 0, logs
     single = subprocess.run([sys.executable, str(FINETUNE), "--config", single_yaml, "--output_dir",
