@@ -417,3 +417,22 @@ def stream_answer(engine, sample, english, write):
         write("\n" + answer)
     write("\n")
     return answer
+
+
+def run_generation(engine, samples, args, write=None):
+    """Answer the samples `args.generate_repeat_time` times: with args.stream each answer is written as it is
+    generated (one sample at a time), otherwise the engine batches them; after every round the Response line
+    is printed. Returns the last round's answers."""
+    import sys
+    if write is None:
+        def write(text):
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    answers = []
+    for _ in range(args.generate_repeat_time):
+        if getattr(args, "stream", False):
+            answers = [stream_answer(engine, sample, args.english, write) for sample in samples]
+        else:
+            answers = engine.generate([s.image for s in samples], [s.prompt for s in samples], english=args.english)
+        print(format_response(answers), flush=True)
+    return answers

@@ -9,7 +9,6 @@ Prints the parsed arguments, then one line `Response: ['answer 1', 'answer 2']` 
 answers, in input order); with --stream each answer is printed as it is generated before that line.
 """
 import argparse
-import sys
 
 from visualglm import app
 from visualglm.cli import add_generation_args, add_input_args, add_model_args, run_main
@@ -27,23 +26,9 @@ def main(argv=None):
     args = parse_args(argv)
     print(args, flush=True)
     app.check_arguments(args)
-    samples = app.collect_samples(args)
+    samples = app.collect_samples(args)           # every image checked before the model is built
     components = app.build_components(args, samples)
-    engine = app.build_engine(components, args)
-    answers = []
-    for _ in range(args.generate_repeat_time):
-        if args.stream:
-            answers = [app.stream_answer(engine, sample, args.english, _write) for sample in samples]
-        else:
-            answers = engine.generate([s.image for s in samples], [s.prompt for s in samples],
-                                      english=args.english)
-        print(app.format_response(answers), flush=True)
-    return answers
-
-
-def _write(text):
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    return app.run_generation(app.build_engine(components, args), samples, args)
 
 
 if __name__ == "__main__":

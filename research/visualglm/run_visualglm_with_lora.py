@@ -10,7 +10,6 @@ Prints the arguments, then `Response: [...]` as run_visualglm.py does.
 """
 import argparse
 import os
-import sys
 
 from visualglm import app
 from visualglm.cli import add_generation_args, add_input_args, add_model_args, run_main
@@ -54,20 +53,7 @@ def main(argv=None):
     if args.merge_output:
         count = save_merged_checkpoint(components.model, args.merge_output)
         print(f"merged {count} LoRA weights into {args.merge_output}", flush=True)
-    engine = app.build_engine(components, args)
-    answers = []
-    for _ in range(args.generate_repeat_time):
-        if args.stream:
-            answers = [app.stream_answer(engine, sample, args.english, _write) for sample in samples]
-        else:
-            answers = engine.generate([s.image for s in samples], [s.prompt for s in samples], english=args.english)
-        print(app.format_response(answers), flush=True)
-    return answers
-
-
-def _write(text):
-    sys.stdout.write(text)
-    sys.stdout.flush()
+    return app.run_generation(app.build_engine(components, args), samples, args)
 
 
 if __name__ == "__main__":

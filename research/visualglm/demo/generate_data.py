@@ -283,16 +283,22 @@ def generate(out, seed=0, counts=None, size=IMAGE_SIZE):
 
 
 def corpus_lines(seed=0, counts=None):
-    """Every prompt and label text the splits use (for the tokenizer), without drawing images."""
+    """Every prompt and label text of the splits, in order, repeats kept (the tokenizer's training text), without
+    drawing images."""
     counts = dict(DEFAULT_COUNTS, **(counts or {}))
-    lines = set()
+    lines = []
     for split in SPLITS:
         for index in range(counts[split]):
             rng = scene_rng(seed, split, index)
             scene = make_scene(rng, split, index)
             for _, _, prompt, label, _ in questions(scene, rng, split):
-                lines.update((prompt, label))
-    return sorted(lines)
+                lines += [prompt, label]
+    return lines
+
+
+def chinese_words():
+    """The Chinese shape and colour names (word boundaries for the tokenizer)."""
+    return tuple(v[0] for v in SHAPES.values()) + tuple(v[0] for v in COLOURS.values())
 
 
 # Scenes of the example images in examples/ (drawn at 224 px, the model resizes them).
