@@ -44,7 +44,7 @@ STAGE2 = {"steps": 600, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps":
           "target_modules": r"attention\.(query_key_value|dense)$"}
 MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH = 40, 16
 INFERENCE_SEQ_LENGTH = 64
-SMOKE = {"data": {"train": 12, "heldout": 3, "lora_train": 6, "lora_heldout": 3},
+SMOKE = {"data": {"train": 2, "heldout": 2, "lora_train": 2, "lora_heldout": 2},
          "stage1": {"steps": 4, "batch_size": 2, "warmup_steps": 1}, "stage2": {"steps": 3, "batch_size": 2,
                                                                              "warmup_steps": 1}}
 
