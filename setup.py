@@ -18,10 +18,17 @@ setup(
         "sentencepiece",
         "pyyaml",
         "tqdm",
+        # the CLI chat, web demo and HTTP API
+        "fastapi==0.163.2",
+        "uvicorn==0.54.0",
+        "gradio==5.50.0",   # the newest whose huggingface-hub fits transformers (mindformers)
+        "openai==3.57.0",
+        "httpx==0.28.1",
     ],
     extras_require={
         # torch only reads PyTorch (SAT) checkpoints in convert_weight.py; 2.13.0 is the local CPU wheel.
         "convert": ["torch==2.13.0"],
-        "test": ["torch==2.13.0", "pytest"],
+        # selenium drives Debian's chromium/chromium-driver in the web demo test; pexpect the CLI test
+        "test": ["torch==2.13.0", "pytest", "selenium==4.51.0", "pexpect==4.8.0"],
     },
 )

@@ -1,0 +1,330 @@
+"""What the chat front ends share (cli_demo.py, web_demo.py, api.py): the default config, upstream's
+generation defaults and language detection, building the chat engine, streaming text deltas, image
+decoding with size limits, and a single worker thread behind a bounded queue.
+
+One model instance cannot run two generations at once (its KV cache is a parameter), so every front end
+sends its work to one `Worker`: requests run one at a time, in arrival order; when `max_queue` requests are
+already waiting, `submit` refuses at once (`QueueFull`) instead of letting the backlog grow.
+"""
+import argparse
+import base64
+import binascii
+import io
+import os
+import queue
+import re
+import threading
+from concurrent.futures import Future
+
+from visualglm import app
+from visualglm.errors import UserError
+
+DEMO_CONFIG = os.path.join(app.PACKAGE_DIR, "run_visualglm_demo.yaml")
+# Upstream's api.py / cli_demo.py generation parameters (spec §18); request keys override them.
+UPSTREAM_DEFAULTS = dict(max_length=2048, top_p=0.4, top_k=100, temperature=0.8)
+PROMPT_ZH = "描述这张图片。"
+PROMPT_EN = "Describe the image."
+MODEL_NAME = "visualglm-6b"
+_CJK = re.compile(r"[\u4e00-\u9fa5]+")
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
+
+
+def default_config():
+    """The shipped small demo model's yaml when it exists, else the full-size one."""
+    return DEMO_CONFIG if os.path.isfile(DEMO_CONFIG) else app.DEFAULT_CONFIG
+
+
+def is_chinese(text):
+    """Upstream's infer_util.is_chinese: any CJK ideograph."""
+    return bool(_CJK.search(text or ""))
+
+
+class TooLarge(UserError):
+    """Input over a size limit (HTTP 413)."""
+
+
+class QueueFull(Exception):
+    """The worker's queue is full (HTTP 503)."""
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+def add_chat_args(parser):
+    """Model arguments (--config defaults to default_config()) and generation defaults as upstream's demos."""
+    from visualglm.cli import add_model_args, optional_bool
+    add_model_args(parser, default_config())
+    group = parser.add_argument_group("generation (defaults as upstream's demos; requests may override)")
+    group.add_argument("--max_length", type=int, default=UPSTREAM_DEFAULTS["max_length"],
+                       help="prompt + answer tokens at most, capped at the model's seq_length (default %(default)s)")
+    group.add_argument("--max_new_tokens", type=int, default=None, help="answer tokens at most (default: no limit)")
+    group.add_argument("--top_p", type=float, default=UPSTREAM_DEFAULTS["top_p"], help="default %(default)s")
+    group.add_argument("--top_k", type=int, default=UPSTREAM_DEFAULTS["top_k"], help="default %(default)s")
+    group.add_argument("--temperature", type=float, default=UPSTREAM_DEFAULTS["temperature"],
+                       help="default %(default)s; 0 means greedy search")
+    group.add_argument("--do_sample", type=optional_bool, nargs="?", const=True, default=True,
+                       help="sample (default, as upstream) or greedy search (false)")
+    group.add_argument("--repetition_penalty", type=float, default=1.0, help="default %(default)s (none)")
+    group.add_argument("--seed", type=int, default=None, help="sampling seed (default: the yaml's)")
+    return parser
+
+
+def generation_defaults(args):
+    return dict(max_length=args.max_length, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
+                top_k=args.top_k, temperature=args.temperature, do_sample=args.do_sample,
+                repetition_penalty=args.repetition_penalty)
+
+
+def build_engine(args):
+    """(VisualGLMChat, GenerationConfig-free defaults dict) from parsed add_chat_args arguments."""
+    for name in ("max_length", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
+    model_args = argparse.Namespace(**vars(args))
+    # The engine's own config stays greedy and uncapped; every call passes the options (see overrides()).
+    model_args.max_length = model_args.max_new_tokens = None
+    model_args.do_sample, model_args.top_k, model_args.top_p, model_args.temperature = False, 0, 1.0, 1.0
+    model_args.repetition_penalty = 1.0
+    app.check_arguments(model_args)
+    components = app.build_components(model_args)
+    engine = app.build_engine(components, model_args)
+    return engine
+
+
+# ----------------------------------------------------------------------------------------------- generation
+def overrides(engine, defaults, request=None):
+    """Generation keyword arguments for VisualGLMChat from the defaults and a request's keys
+    (max_length, max_new_tokens, top_p, top_k, temperature, do_sample, repetition_penalty, seed).
+    temperature 0 means greedy; max_length is capped at the model's seq_length. Bad values: UserError."""
+    values = dict(defaults)
+    for key, value in (request or {}).items():
+        if key in ("max_length", "max_new_tokens", "top_k", "seed"):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise UserError(f"{key} must be an integer, got {value!r}")
+        elif key in ("top_p", "temperature", "repetition_penalty"):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise UserError(f"{key} must be a number, got {value!r}")
+        elif key == "do_sample":
+            if not isinstance(value, bool):
+                raise UserError(f"do_sample must be true or false, got {value!r}")
+        else:
+            continue
+        if value is not None:
+            values[key] = value
+    seq_length = engine.model.config.text_config.seq_length
+    kwargs = dict(max_length=min(values.get("max_length") or seq_length, seq_length),
+                  max_new_tokens=values.get("max_new_tokens"),
+                  do_sample=bool(values.get("do_sample", True)),
+                  temperature=float(values.get("temperature", 1.0)), top_k=int(values.get("top_k", 0)),
+                  top_p=float(values.get("top_p", 1.0)),
+                  repetition_penalty=float(values.get("repetition_penalty", 1.0)), seed=values.get("seed"))
+    if kwargs["temperature"] == 0:
+        kwargs.update(do_sample=False, temperature=1.0)
+    if kwargs["temperature"] < 0:
+        raise UserError(f"temperature must be >= 0, got {kwargs['temperature']}")
+    if kwargs["max_new_tokens"] is not None and kwargs["max_new_tokens"] < 1:
+        raise UserError(f"max_new_tokens must be >= 1, got {kwargs['max_new_tokens']}")
+    if kwargs["max_length"] < 1:
+        raise UserError(f"max_length must be >= 1, got {kwargs['max_length']}")
+    from visualglm.generation import GenerationConfig
+    GenerationConfig(**kwargs).check()
+    return kwargs
+
+
+def fit(engine, query, history, english, with_image, kwargs):
+    """Check the prompt fits and cap max_new_tokens at the room left (an upper bound, as OpenAI's
+    max_tokens). Returns (kwargs, prompt tokens, answer budget)."""
+    from visualglm.generation import SequenceTooLongError
+    ids, _ = engine.processor.build_input_ids(query, history=history, english=english, with_image=with_image)
+    room = kwargs["max_length"] - len(ids)
+    if room < 1:
+        raise SequenceTooLongError(f"the prompt (with history) has {len(ids)} tokens and leaves no room to answer "
+                                   f"within {kwargs['max_length']} tokens: shorten it or clear the history")
+    kwargs = dict(kwargs)
+    if kwargs["max_new_tokens"] is not None:
+        kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], room)
+    return kwargs, len(ids), min(room, kwargs["max_new_tokens"] or room)
+
+
+class TextStream:
+    """Iterate the text deltas of one answer as it is generated; afterwards .answer, .history and
+    .tokens (answer tokens) hold the result. The last character is held back until the next token
+    (the response cleaning may still change it); a change of text already given ends in .rewritten."""
+
+    def __init__(self, engine, query, image=None, history=(), english=False, cancelled=None, **kwargs):
+        self.engine, self.query, self.image = engine, query, image
+        self.history, self.english, self.kwargs = [tuple(h) for h in history or ()], english, kwargs
+        self.cancelled = cancelled or (lambda: False)
+        self.answer, self.tokens, self.given, self.rewritten = "", 0, "", False
+
+    def __iter__(self):
+        ids = [[]]
+        samples = [(self.image, self.query, self.history)]
+        for ids in self.engine.stream_ids(samples, self.english, **self.kwargs):
+            answer = self.engine.processor.decode_response(ids[0], english=self.english)
+            stable = answer[:-1].rstrip("\ufffd")
+            if stable.startswith(self.given) and len(stable) > len(self.given):
+                delta, self.given = stable[len(self.given):], stable
+                yield delta
+            if self.cancelled():
+                break
+        self.tokens = len(ids[0])
+        self.answer = self.engine.processor.decode_response(ids[0], english=self.english)
+        if self.answer.startswith(self.given):
+            if len(self.answer) > len(self.given):
+                yield self.answer[len(self.given):]
+        else:
+            self.rewritten = True
+        self.given = self.answer
+
+    @property
+    def new_history(self):
+        return self.history + [(self.query, self.answer)]
+
+
+# ----------------------------------------------------------------------------------------------- images
+def decode_base64(text, what="image"):
+    """Bytes of a base64 string (standard or URL-safe alphabet, padding optional); UserError if not base64."""
+    if not isinstance(text, str) or not text.strip():
+        raise UserError(f"{what} must be a non-empty base64 string")
+    data = re.sub(r"\s+", "", text)
+    data += "=" * (-len(data) % 4)
+    try:
+        if "-" in data or "_" in data:
+            return base64.urlsafe_b64decode(data)
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise UserError(f"{what} is not valid base64") from None
+
+
+def decode_data_url(url):
+    """Bytes of a `data:image/...;base64,...` URL."""
+    match = re.match(r"^data:([^;,]*)((?:;[^;,]*)*),(.*)$", url, re.S)
+    if not match:
+        raise UserError("image_url is not a valid data URL (expected data:image/png;base64,...)")
+    mime, params, payload = match.groups()
+    if mime and not mime.startswith("image/"):
+        raise UserError(f"image_url data URL has media type {mime!r}, expected image/*")
+    if ";base64" not in params:
+        raise UserError("image_url data URL must be base64-encoded (data:image/...;base64,...)")
+    return decode_base64(payload, "image_url data")
+
+
+def open_image(data, max_pixels):
+    """An RGB PIL image from encoded bytes; TooLarge above max_pixels (checked from the header, before the
+    pixels are decoded), UserError when the bytes are not an image."""
+    from PIL import Image, UnidentifiedImageError
+    from visualglm.processing import load_image
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        raise UserError(f"the image is not a readable image file ({type(err).__name__}: {err})") from None
+    except Image.DecompressionBombError as err:
+        raise TooLarge(f"the image is too large: {err}") from None
+    if max_pixels and width * height > max_pixels:
+        raise TooLarge(f"the image has {width}x{height} = {width * height} pixels, more than the limit "
+                       f"{max_pixels}")
+    return load_image(bytes(data))
+
+
+def fetch_url(url, allowed_hosts, max_bytes, timeout=10.0):
+    """Bytes of a remote image, only from allowed hosts (exact host names, '*' for any); UserError otherwise."""
+    from urllib.parse import urlparse
+    from urllib.request import Request, urlopen
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise UserError(f"unsupported image URL {url!r}: use a data URL or http(s)")
+    if "*" not in allowed_hosts and parsed.hostname not in allowed_hosts:
+        raise UserError(f"remote image URLs are refused (host {parsed.hostname!r} is not allowed): send the image "
+                        "as a data:image/...;base64 URL, or start the server with --allow_remote_images HOST")
+    try:
+        with urlopen(Request(url, headers={"User-Agent": "visualglm"}), timeout=timeout) as response:
+            data = response.read(max_bytes + 1)
+    except OSError as err:
+        raise UserError(f"cannot fetch the image {url}: {err}") from None
+    if len(data) > max_bytes:
+        raise TooLarge(f"the image at {url} is larger than {max_bytes} bytes")
+    return data
+
+
+def image_source(text):
+    """Kind of a CLI image answer: 'url' or 'path'."""
+    return "url" if _URL.match(text) else "path"
+
+
+# ----------------------------------------------------------------------------------------------- worker
+class Job:
+    """A unit of work for the worker: fn(cancelled) runs on the worker thread; its result or exception ends
+    in .future. Streaming work puts items on .events (None ends the stream)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.future = Future()
+        self.events = queue.Queue()
+        self._cancel = threading.Event()
+
+    def cancel(self):
+        self._cancel.set()
+
+    @property
+    def cancelled(self):
+        return self._cancel.is_set()
+
+
+class Worker:
+    """One thread runs jobs one at a time; at most max_queue jobs wait besides the running one."""
+
+    def __init__(self, max_queue=4):
+        if max_queue < 1:
+            raise UserError(f"the queue size must be >= 1, got {max_queue}")
+        self.max_queue = max_queue
+        self._jobs = queue.Queue()
+        self._lock = threading.Lock()
+        self.waiting = 0
+        self.running = False
+        self.served = 0
+        self.refused = 0
+        self._thread = threading.Thread(target=self._loop, name="visualglm-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn):
+        job = Job(fn)
+        with self._lock:
+            if self.waiting >= self.max_queue:
+                self.refused += 1
+                raise QueueFull(f"the server is busy ({self.waiting} requests waiting): retry later")
+            self.waiting += 1
+        self._jobs.put(job)
+        return job
+
+    def _loop(self):
+        while True:
+            job = self._jobs.get()
+            with self._lock:
+                self.waiting -= 1
+                self.running = True
+            try:
+                if job.cancelled:
+                    raise RuntimeError("cancelled before it started")
+                job.future.set_result(job.fn(job))
+            except BaseException as err:  # noqa: BLE001 - handed to the request that owns the job
+                job.future.set_exception(err)
+            finally:
+                job.events.put(None)
+                with self._lock:
+                    self.running = False
+                    self.served += 1
+
+    def status(self):
+        with self._lock:
+            return dict(waiting=self.waiting, running=self.running, max_queue=self.max_queue,
+                        served=self.served, refused=self.refused)
+
+
+def rss_bytes():
+    """Resident memory of this process."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None

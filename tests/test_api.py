@@ -1,0 +1,289 @@
+"""research/visualglm/api.py as a user meets it: live servers on free 127.0.0.1 ports (subprocesses on the
+tokenizer-matched tiny model), the official `openai` client (streaming and not), raw HTTP for upstream's
+schema, every bad input (400 / 413), a full queue (503), the remote-URL allow-list, and greedy answers
+equal to run_visualglm.py's.
+
+The two servers and the run_visualglm.py reference run start together when the module's fixture starts."""
+import ast
+import base64
+import http.server
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import REPO, SCRIPTS, tokenizer_matched_config, write_tiny_yaml
+from visualglm import app, serving
+
+IMAGE = REPO / "examples" / "red_circle.png"
+QUERY = "描述这张图片。"
+NEW_TOKENS = 8
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_yaml(folder, tokenizer, checkpoint, vocab_file):
+    return write_tiny_yaml(folder / "tiny.yaml", app.DEFAULT_CONFIG, tokenizer_matched_config(tokenizer),
+                           checkpoint, vocab_file)
+
+
+def script_env(folder):
+    env = dict(os.environ)
+    env["LOCAL_DEFAULT_PATH"] = str(folder / "mf_output")
+    env["GRADIO_ANALYTICS_ENABLED"] = "False"
+    env.pop("http_proxy", None)
+    env.pop("HTTP_PROXY", None)
+    return env
+
+
+class Server:
+    """A script serving on 127.0.0.1:port as a subprocess; stopped by its pid."""
+
+    def __init__(self, script, args, folder, name, ready_path="/health"):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ready_path = ready_path
+        self.log_path = folder / f"{name}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, str(script), *args, "--port", str(self.port)],
+                                     cwd=str(folder), env=script_env(folder), stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout=240):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=2) as response:
+                    if response.status == 200:
+                        return self
+            except (OSError, urllib.error.URLError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def post(url, body, raw=False, timeout=120):
+    """(status, decoded JSON answer) of a POST."""
+    data = body if raw else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def b64(path=IMAGE):
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def data_url(data=None, mime="image/png"):
+    return f"data:{mime};base64," + base64.b64encode(data if data is not None else IMAGE.read_bytes()).decode()
+
+
+def image_message(text, url):
+    return {"role": "user", "content": [{"type": "text", "text": text},
+                                        {"type": "image_url", "image_url": {"url": url}}]}
+
+
+def png_bytes(width, height):
+    from PIL import Image
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(out, "PNG")
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file):
+    """`main`: the API with small limits; `busy`: queue of 1 and an allow-listed image host; `reference`:
+    run_visualglm.py's greedy answer for (IMAGE, QUERY)."""
+    folder = tmp_path_factory.mktemp("api")
+    config = tiny_yaml(folder, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file)
+    common = ["--config", config, "--max_new_tokens", str(NEW_TOKENS)]
+    run = subprocess.Popen([sys.executable, str(SCRIPTS / "run_visualglm.py"), "--config", config,
+                            "--image_path", str(IMAGE), "--prompt", QUERY, "--max_new_tokens", str(NEW_TOKENS)],
+                           cwd=str(folder), env=script_env(folder), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    main = Server(SCRIPTS / "api.py", common + ["--max_queue", "4", "--max_body_bytes", "400000",
+                                                "--max_image_pixels", "1000000"], folder, "main")
+    busy = Server(SCRIPTS / "api.py", common + ["--max_queue", "1", "--allow_remote_images", "127.0.0.1"],
+                  folder, "busy")
+    try:
+        out, _ = run.communicate(timeout=300)
+        lines = [line for line in out.splitlines() if line.startswith("Response: ")]
+        assert run.returncode == 0 and lines, out[-3000:]
+        reference = ast.literal_eval(lines[-1][len("Response: "):])[0]
+        yield dict(main=main.wait(), busy=busy.wait(), reference=reference)
+    finally:
+        main.stop()
+        busy.stop()
+        if run.poll() is None:
+            run.kill()
+
+
+@pytest.fixture(scope="module")
+def client(servers):
+    import openai
+    return openai.OpenAI(base_url=servers["main"].url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+# ----------------------------------------------------------------------------------------------- tests
+def test_is_chinese_and_default_config():
+    assert serving.is_chinese("描述这张图片。") and serving.is_chinese("what is 猫")
+    assert not serving.is_chinese("Describe the image.") and not serving.is_chinese("")
+    assert serving.default_config() in (serving.DEMO_CONFIG, app.DEFAULT_CONFIG)
+    assert os.path.isfile(serving.default_config())
+
+
+def test_health_and_models(servers, client):
+    with urllib.request.urlopen(servers["main"].url + "/health") as response:
+        health = json.loads(response.read())
+    assert health["status"] == "ok" and health["max_queue"] == 4
+    assert [model.id for model in client.models.list()] == ["visualglm-6b"]
+
+
+def test_upstream_schema(servers):
+    url = servers["main"].url + "/"
+    status, answer = post(url, {"image": b64(), "text": QUERY, "history": [], "do_sample": False})
+    assert status == 200, answer
+    assert set(answer) == {"result", "history", "status", "time"} and answer["status"] == 200
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", answer["time"])
+    assert answer["result"] == servers["reference"]             # greedy = run_visualglm.py
+    assert answer["history"] == [[QUERY, answer["result"]]]
+    # A second turn with that history, sampled with upstream's defaults and a seed: reproducible.
+    turn = {"image": b64(), "text": "图中有几个圆？", "history": answer["history"], "seed": 3}
+    first, second = post(url, turn), post(url, turn)
+    assert first[0] == 200 and first[1]["result"] == second[1]["result"]
+    assert first[1]["history"][0] == [QUERY, answer["result"]] and len(first[1]["history"]) == 2
+    # Text only, English, generation overrides.
+    status, text_only = post(url, {"text": "Hello, who are you?", "max_length": 4096, "max_new_tokens": 3,
+                                   "temperature": 0})
+    assert status == 200 and text_only["history"][0][0] == "Hello, who are you?"
+
+
+def test_openai_client_greedy_streaming_and_not(servers, client):
+    messages = [image_message(QUERY, data_url())]
+    reply = client.chat.completions.create(model="visualglm-6b", messages=messages, max_tokens=NEW_TOKENS,
+                                           temperature=0)
+    assert reply.choices[0].message.content == servers["reference"]
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage.completion_tokens <= NEW_TOKENS
+    chunks = list(client.chat.completions.create(model="visualglm-6b", messages=messages, max_tokens=NEW_TOKENS,
+                                                 temperature=0, stream=True))
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(deltas) == servers["reference"] and len(deltas) > 1
+    assert chunks[-1].choices[0].finish_reason == reply.choices[0].finish_reason
+    # A follow-up turn (history as messages) and sampling options.
+    follow = client.chat.completions.create(
+        model="visualglm-6b", max_tokens=4, temperature=0.7, top_p=0.9, seed=1,
+        messages=messages + [{"role": "assistant", "content": reply.choices[0].message.content},
+                             {"role": "user", "content": "Is it red?"}])
+    assert isinstance(follow.choices[0].message.content, str) and follow.usage.completion_tokens <= 4
+
+
+def test_bad_inputs(servers, client):
+    import openai
+    url = servers["main"].url
+    chat = url + "/v1/chat/completions"
+    cases = [
+        (url + "/", b"{not json", True, 400, "not valid JSON"),
+        (url + "/", b"[1, 2]", True, 400, "JSON object"),
+        (url + "/", {"image": b64()}, False, 400, '"text"'),
+        (url + "/", {"image": "!!not base64!!", "text": "hi"}, False, 400, "base64"),
+        (url + "/", {"image": base64.b64encode(b"not an image").decode(), "text": "hi"}, False, 400, "image"),
+        (url + "/", {"text": "hi", "history": "nope"}, False, 400, "history"),
+        (url + "/", {"text": "hi", "temperature": "hot"}, False, 400, "temperature"),
+        (url + "/", {"text": "hi", "top_p": 3}, False, 400, "top_p"),
+        (url + "/", {"text": "长" * 400}, False, 400, "tokens"),
+        (url + "/", {"image": base64.b64encode(png_bytes(1200, 1000)).decode(), "text": "hi"}, False, 413, "pixels"),
+        (url + "/", {"text": "x" * 500000}, False, 413, "limit"),
+        (chat, {"messages": []}, False, 400, "messages"),
+        (chat, {"messages": [{"role": "assistant", "content": "hi"}]}, False, 400, "last message"),
+        (chat, {"messages": [image_message("hi", "data:text/plain;base64,aGk=")]}, False, 400, "image/*"),
+        (chat, {"messages": [image_message("hi", data_url()),
+                             image_message("and", data_url(png_bytes(8, 8)))]}, False, 400, "one image"),
+        (chat, {"messages": [image_message("hi", data_url(b"garbage"))]}, False, 400, "image"),
+        (chat, {"messages": [{"role": "user", "content": "hi"}], "n": 2}, False, 400, "n must be 1"),
+    ]
+    for target, body, raw, code, words in cases:
+        status, answer = post(target, body, raw)
+        assert status == code and words in answer["error"]["message"], (body if raw else str(body)[:120], answer)
+    with pytest.raises(openai.BadRequestError, match="remote image URLs are refused"):
+        client.chat.completions.create(model="visualglm-6b",
+                                       messages=[image_message("hi", "http://127.0.0.1:1/cat.png")])
+    with urllib.request.urlopen(url + "/health") as response:
+        assert json.loads(response.read())["status"] == "ok"
+
+
+def test_full_queue_answers_503_at_once(servers):
+    """Queue of 1: one request runs, one waits, the others are refused at once; all end well."""
+    url = servers["busy"].url + "/"
+
+    def ask(_):
+        start = time.time()
+        status, answer = post(url, {"text": "Tell me a long story.", "max_new_tokens": 100, "temperature": 0},
+                              timeout=300)
+        return status, answer, time.time() - start
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(ask, range(6)))
+    statuses = sorted(status for status, _, _ in results)
+    assert set(statuses) <= {200, 503} and statuses.count(200) >= 2 and 503 in statuses, results
+    answers = {answer["result"] for status, answer, _ in results if status == 200}
+    assert len(answers) == 1                                     # greedy: every served answer is the same
+    for status, answer, seconds in results:
+        if status == 503:
+            assert "busy" in answer["error"]["message"] and seconds < 5
+    with urllib.request.urlopen(servers["busy"].url + "/health") as response:
+        health = json.loads(response.read())
+    assert health["status"] == "ok" and health["refused"] >= 1 and health["waiting"] == 0
+
+
+def test_remote_image_allow_list(servers, tmp_path):
+    """--allow_remote_images 127.0.0.1: an http URL on that host is fetched (and equals the data URL)."""
+    import openai
+    (tmp_path / "img.png").write_bytes(IMAGE.read_bytes())
+    handler = lambda *a, **k: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path), **k)  # noqa: E731
+    http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=servers["busy"].url + "/v1", api_key="none", max_retries=0, timeout=120)
+        remote = client.chat.completions.create(
+            model="visualglm-6b", max_tokens=NEW_TOKENS, temperature=0,
+            messages=[image_message(QUERY, f"http://127.0.0.1:{httpd.server_address[1]}/img.png")])
+        assert remote.choices[0].message.content == servers["reference"]
+        with pytest.raises(openai.BadRequestError, match="cannot fetch"):
+            client.chat.completions.create(
+                model="visualglm-6b", max_tokens=2,
+                messages=[image_message(QUERY, f"http://127.0.0.1:{httpd.server_address[1]}/missing.png")])
+    finally:
+        httpd.shutdown()
