@@ -91,7 +91,7 @@ def test_web_demo_in_headless_chromium(tmp_path, chatglm_tokenizer, chat_checkpo
         user = driver.execute_script("return Array.from(document.querySelectorAll("
                                      "'#chatbot [data-testid=user]')).map(e => e.innerText)")
         assert user == [QUERY] and bot_messages(driver)[0] == web_demo.GREETING
-        artifacts = os.environ.get("VISUALGLM_TEST_ARTIFACTS") or str(tmp_path)
+        artifacts = os.environ.get("VISUALGLM_TEST_ARTIFACTS") or str(REPO / "output" / "test_artifacts")
         os.makedirs(artifacts, exist_ok=True)
         assert driver.save_screenshot(os.path.join(artifacts, "web_demo.png"))
         driver.find_element(By.CSS_SELECTOR, "#clear").click()
