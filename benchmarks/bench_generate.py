@@ -13,32 +13,40 @@ for our model (MindSpore, GRAPH mode, fp32, CPU) and for SwissArmyTransformer 0.
     real  real layer shapes, fewer layers: GLM 4096, 32 heads, MLP 16384, 2 layers, vocab 130528;
           ViT 1408 / 16 heads / MLP 6144, 2 blocks; Q-Former 768 / 12 heads / MLP 3072, 2 layers
 
-Method. Weights are random (seeded, N(0, 0.02), LayerNorm gains 1 ± 0.1) and identical on both sides: our GLM parameters are copied into SAT
-by name. Before timing, the two must agree: the prefill logits and the logits of the first decode steps
-(both fed the same tokens) are compared and their max relative difference printed. The prompt has
-VisualGLM's layout (3 text tokens, 32 image slots filled with our image embeddings, 15 text tokens,
-[gMASK], <sop>: 52 tokens). Every figure is a median or an average after warm-up (our first call of each
-shape compiles a graph). Ours prefills a prompt padded to a multiple of 64 (CachedDecoder's bucket), SAT
-the exact prompt; our KV cache has `--seq_length` columns (the yaml's 512), SAT's grows by concatenation
-(`update_mems`), as its `filling_sequence` does. Decoding feeds back each side's own argmax, never
-stopping at eos. "with cache" is the average over all `--new_tokens` steps. "recompute" runs one full
-forward over the whole sequence per new token; by default it is timed over all steps for tiny and mid and,
-for real, at `--recompute_samples` evenly spaced steps of the same run (each the sequence length that step
-would have), averaged: an estimate of the per-token average of the full run. Both sides run on
-`--threads` threads (torch.set_num_threads; MindSpore's CPU runtime uses the machine's cores).
+Method. Weights are random (seeded; uniform with std 0.02, LayerNorm gains 1 ± 0.1) and identical on
+both sides: our GLM parameters are copied into SAT by name. Before timing, the two must agree: the prefill
+logits and the logits of the first decode steps (both fed the same tokens) are compared and their max
+relative difference printed. The prompt has VisualGLM's layout (3 text tokens, 32 image slots filled with
+our image embeddings, 15 text tokens, [gMASK], <sop>: 52 tokens). Every figure is taken after warm-up (our
+first call of each shape compiles a graph). Ours prefills the prompt padded to a multiple of 64
+(CachedDecoder's bucket), SAT the exact prompt; our KV cache has `--seq_length` columns (the yaml's 512),
+SAT's grows by concatenation (`update_mems`) as in its `filling_sequence`. Decoding feeds back each side's
+own argmax and never stops at eos. "KV cache" figures average all `--new_tokens` steps; the median step is
+printed too, as it is robust to other work on the machine and equals the mean when the step cost is
+constant (ours) or grows linearly (SAT's growing cache). "recompute" runs one full forward over the whole
+sequence per new token: timed at every step for tiny, and for mid and real at `--recompute_samples` evenly
+spaced steps of the same run (32 and 8 by default; each step with the sequence length it has in the run),
+averaged: an estimate of the full run's per-token average (`--recompute_samples 0` times every step).
+Both sides use `--threads` threads (torch.set_num_threads; MindSpore's
+device_context.cpu.op_tuning.threads_num). Prefill and image encode are medians of a few runs.
 
-The peer runs in its own process (benchmarks/sat_peer.py, started by this script for each shape, fed our
-weights through a temporary folder): torch is markedly slower in a process where MindSpore has run (see
-sat_peer.py). It needs SwissArmyTransformer, installed without deepspeed:
+The peer runs in its own process (benchmarks/sat_peer.py, started once per shape and fed our weights
+through a temporary folder): torch ran markedly slower in a process where MindSpore had run. It needs
+SwissArmyTransformer, installed without deepspeed:
 
     pip install --no-deps SwissArmyTransformer==0.4.12 && pip install einops
 
-(torch, transformers, sentencepiece, tensorboardX and datasets, its other imports, are already installed
-here). SAT's package import reaches a triton kernel module that ChatGLM never uses; sat_peer.py puts a
-stand-in for that one module (`sat.model.position_embedding.triton_rotary_embeddings`) into sys.modules of
-the peer's process only. No deepspeed stub is needed: SAT only warns that deepspeed is missing.
-With `--no_peer` only our figures are printed. The load average is printed with the table: other work on
-this 2-core machine slows both sides.
+(its other imports — torch, transformers, sentencepiece, tensorboardX, datasets — are already installed
+here). SAT's package import reaches a triton kernel module that ChatGLM never uses: sat_peer.py puts a
+stand-in for that one module (`sat.model.position_embedding.triton_rotary_embeddings`) into sys.modules,
+in the peer's process only. No deepspeed stub is needed (SAT only warns that deepspeed is missing). Should
+transformers refuse to import (it checks the installed huggingface-hub version), the peer also stands in
+for the one name SAT's import reads from it (`transformers.activations.ACT2FN`, used by SAT's GPT-2 only)
+and says so. With `--no_peer` only our figures are printed.
+
+The 1-minute load average is printed under the table: on this shared 2-core machine, other work slows
+both sides, and torch with 2 threads far more than MindSpore (its OpenMP workers wait for each other);
+compare `--threads 1` when the load is high.
 """
 import argparse
 import gc
@@ -76,7 +84,7 @@ SHAPES = {
         glm=dict(vocab_size=32768, hidden_size=1024, num_layers=4, num_heads=8, inner_hidden_size=4096),
         vit=dict(hidden_size=352, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1536),
         qformer=dict(hidden_size=192, num_hidden_layers=2, num_attention_heads=3, intermediate_size=768),
-        recompute_samples=0, reps=5),
+        recompute_samples=32, reps=5),
     "real": dict(
         glm=dict(vocab_size=REAL_VOCAB, hidden_size=4096, num_layers=2, num_heads=32, inner_hidden_size=16384),
         vit=dict(hidden_size=1408, num_hidden_layers=2, num_attention_heads=16, intermediate_size=6144),
@@ -141,37 +149,39 @@ class Ours:
 
 
 def fill_random(model, seed):
-    """Seeded random weights (float32 numpy, much faster than MindSpore's initializers at the real vocab):
-    N(0, 0.02) matrices, LayerNorm gains 1 ± 0.1 and small non-zero biases so no term of the computation
-    vanishes, and empty KV caches."""
+    """Seeded random weights, drawn in float32 with numpy (MindSpore's initializers take minutes at the real
+    vocab): matrices and biases uniform with std 0.02, LayerNorm gains 1 ± 0.1 (uniform), so no term of the
+    computation vanishes; empty KV caches."""
     rng = np.random.default_rng(seed)
+    half_width = np.float32(0.02 * np.sqrt(3.0))  # U(-a, a) has std a / sqrt(3)
     for param in model.get_parameters():
         name, shape = param.name, tuple(param.shape)
         if name.endswith(("key_past", "value_past")):
             value = np.zeros(shape, np.float32)
-        elif name.endswith(".gamma"):
-            value = 1 + 0.1 * rng.standard_normal(shape, dtype=np.float32)
         else:
-            value = rng.standard_normal(shape, dtype=np.float32)
-            value *= 0.02
-        param.set_data(Tensor(value).astype(param.dtype))
+            value = rng.random(shape, dtype=np.float32)
+            value -= np.float32(0.5)
+            value *= 2 * (np.float32(0.1 * np.sqrt(3.0)) if name.endswith(".gamma") else half_width)
+            if name.endswith(".gamma"):
+                value += np.float32(1.0)
+        tensor = Tensor(value)
+        param.set_data(tensor if param.dtype == tensor.dtype else tensor.astype(param.dtype))
 
 
 def decode_loop(decoder, steps, feed=None):
     """start() then `steps` step() calls feeding argmax (or the given tokens). Returns (prefill logits,
-    step logits list, tokens fed, total step ms)."""
+    step logits list, tokens fed, per-step ms list)."""
     logits = decoder.start()
     first = logits
-    outs, fed = [], []
-    elapsed = 0.0
+    outs, fed, times = [], [], []
     for i in range(steps):
         start = time.perf_counter()
         token = int(logits[0].argmax()) if feed is None else feed[i]
         fed.append(token)
         logits = decoder.step([token])
-        elapsed += time.perf_counter() - start
+        times.append((time.perf_counter() - start) * 1e3)
         outs.append(logits)
-    return first, outs, fed, elapsed * 1e3
+    return first, outs, fed, times
 
 
 def ours_recompute_step_ms(ours, prompt, embeds, max_length, steps, filler, reps):
@@ -191,8 +201,7 @@ def ours_recompute_step_ms(ours, prompt, embeds, max_length, steps, filler, reps
 def ours_recompute_full_ms(ours, prompt, embeds, max_length, new_tokens):
     """A whole recompute generation (start + new_tokens steps, argmax fed back); average step ms."""
     decoder = ours.recompute(prompt, embeds, max_length)
-    _, _, _, total = decode_loop(decoder, new_tokens)
-    return total / new_tokens
+    return float(np.mean(decode_loop(decoder, new_tokens)[3]))
 
 
 def warm_recompute_widths(ours, prompt, embeds, max_length, new_tokens, filler):
@@ -250,9 +259,10 @@ def bench_shape(shape, args):
 
     # --- decode with the cache
     t0 = time.perf_counter()
-    _, _, _, total = decode_loop(ours.cached(prompt, embeds, max_length), new_tokens)
-    res["ours_cached_ms"] = total / new_tokens
-    log(f"cached decode {res['ours_cached_ms']:.2f} ms/token ({time.perf_counter() - t0:.1f} s)")
+    times = decode_loop(ours.cached(prompt, embeds, max_length), new_tokens)[3]
+    res["ours_cached_ms"], res["ours_cached_median_ms"] = float(np.mean(times)), float(np.median(times))
+    log(f"cached decode {res['ours_cached_ms']:.2f} ms/token, median step {res['ours_cached_median_ms']:.2f} ms "
+        f"({time.perf_counter() - t0:.1f} s)")
 
     # --- decode by recompute
     t0 = time.perf_counter()
@@ -302,7 +312,7 @@ def run_peer(res, ours, prompt, embeds, fed, ours_logits, filler, samples, reps,
         proc = subprocess.run([sys.executable, PEER_SCRIPT, workdir], stderr=subprocess.PIPE, text=True,
                               check=False)
         for line in proc.stderr.splitlines():
-            if line.startswith(f"[{res['shape']} SAT]"):
+            if line.startswith((f"[{res['shape']} SAT]", "[sat_peer]")):
                 print(line, file=sys.stderr, flush=True)
         if proc.returncode:
             sys.stderr.write(proc.stderr)
@@ -350,6 +360,7 @@ def print_table(results, args):
              "sat_prefill_ms")
         pair(f"decode ms/token, KV cache ({r['new_tokens']} tok)", "ours_cached_ms", "sat_cached_ms")
         pair("tokens/s, KV cache", "ours_cached_ms", "sat_cached_ms", per_second=True)
+        pair("  median decode step ms, KV cache", "ours_cached_median_ms", "sat_cached_median_ms")
         pair(f"decode ms/token, recompute ({r['recompute_mode']})", "ours_recompute_ms", "sat_recompute_ms")
         pair("tokens/s, recompute", "ours_recompute_ms", "sat_recompute_ms", per_second=True)
         cache_ours = r["ours_recompute_ms"] / r["ours_cached_ms"]
@@ -373,8 +384,10 @@ def print_table(results, args):
         last = row[0]
         print(line.format(*row))
     print()
+    peer = (f"SAT {results[0]['sat_version']} with torch.no_grad(), in its own process" if "sat_version" in results[0]
+            else "SAT peer not run")
     print(f"threads {args.threads}; KV cache length (seq_length) {args.seq_length}; fp32 on CPU; "
-          f"ours in GRAPH mode; SAT {results[0].get('sat_version', 'not run')} with torch.no_grad()")
+          f"ours in GRAPH mode; {peer}")
     for r in results:
         speed = r["ours_recompute_ms"] / r["ours_cached_ms"]
         print(f"target [{r['shape']}] cache >= 5x faster than recompute at {r['new_tokens']} new tokens: "
@@ -392,7 +405,7 @@ def main(argv=None):
     parser.add_argument("--seq_length", type=int, default=512, help="our KV-cache length (the yaml's 512)")
     parser.add_argument("--recompute_samples", type=int, default=None,
                         help="time recompute at this many evenly spaced steps (0: every step); "
-                             "default: every step for tiny and mid, 8 for real")
+                             "default: every step for tiny, 32 for mid, 8 for real")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--no_peer", action="store_true", help="skip the SAT peer")
@@ -401,6 +414,8 @@ def main(argv=None):
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
         parser.error(f"unknown shape(s) {unknown}: choose from {sorted(SHAPES)}")
+    ms.set_device("CPU")
+    ms.device_context.cpu.op_tuning.threads_num(args.threads)
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
