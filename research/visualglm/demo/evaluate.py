@@ -138,7 +138,7 @@ def markdown(summary):
     ev = summary["evaluation"]
     lines = ["# VisualGLM demo model: held-out exact-match accuracy", "",
              f"Seed {summary['seed']}; {summary['parameters']:,} parameters (+{summary['lora_parameters']:,} LoRA); "
-             f"stage 1 {summary['stage1']['actual_steps']} steps, stage 2 {summary['stage2']['actual_steps']} steps; "
+             f"stage 1 {summary['stage1']['steps']} steps, stage 2 {summary['stage2']['steps']} steps; "
              f"trained in {summary.get('total_seconds', 0) / 60:.1f} min on this machine.", "",
              "| question type | base zh | base en | base + LoRA zh | base + LoRA en |", "|---|---|---|---|---|"]
     for qtype in QUESTION_TYPES + ("all",):
@@ -161,7 +161,8 @@ def _cell(result, lang, qtype):
 
 def write_report(summary, json_path, md_path):
     report = {k: summary[k] for k in ("seed", "model", "vocab_size", "parameters", "lora_parameters", "weights_bytes",
-                                      "data", "stage1", "stage2", "stage1_seconds", "stage2_seconds",
+                                      "data", "warmup", "stage1", "stage2", "warmup_seconds",
+                                      "stage1_seconds", "stage2_seconds",
                                       "total_seconds", "evaluation") if k in summary}
     with open(json_path, "w", encoding="utf-8") as f:
         json.dump(report, f, ensure_ascii=False, indent=1)

@@ -18,6 +18,7 @@ language and whether it involves the new concept):
     heldout/        base scenes, other images                 base evaluation
     lora_train/     scenes with a star (and base scenes)      for the LoRA stage
     lora_heldout/   scenes with a star, other images          new-concept evaluation
+    easy/           one large base shape per scene            the warm-up of stage 1 (colour questions)
 
 Everything is a function of --seed: image i of a split is drawn from its own generator seeded with
 (seed, split, i), so the same seed gives byte-identical files and the splits share no image.
@@ -54,18 +55,27 @@ BACKGROUNDS = ((250, 250, 250), (170, 210, 240), (232, 232, 232), (246, 236, 212
                (242, 222, 232), (222, 228, 250))
 ZH_NUMBERS = {1: "一", 2: "两", 3: "三"}
 EN_NUMBERS = {0: "no", 1: "one", 2: "two", 3: "three"}
-SPLITS = {"train": 0, "heldout": 1, "lora_train": 2, "lora_heldout": 3}
+SPLITS = {"train": 0, "heldout": 1, "lora_train": 2, "lora_heldout": 3, "easy": 4}
 QUESTION_TYPES = ("description", "colour", "shape", "count")
 LANGUAGES = ("zh", "en")
-DEFAULT_COUNTS = {"train": 3000, "heldout": 150, "lora_train": 600, "lora_heldout": 100}
+DEFAULT_COUNTS = {"train": 2500, "heldout": 150, "lora_train": 600, "lora_heldout": 100, "easy": 1200}
 IMAGE_SIZE = 112              # the demo model's input size: dataset images are stored at it (no resize)
 SUPERSAMPLE = 4               # shapes are drawn at 4x and downsampled: anti-aliased edges
 
 
 # ------------------------------------------------------------------------------------------------ scenes
+EASY_EVERY = 4   # in the training splits every 4th scene is an easy one: a single large shape
+
+
+def is_easy(split, index):
+    """Easy scenes (one large shape) let the model find the image in its first steps: trained from scratch on
+    busy scenes only, it learns the answers' wording first and ignores the image for a long time."""
+    return split == "easy" or (split.endswith("train") and index % EASY_EVERY == 0)
+
+
 def _kinds_for(rng, split, index):
     """The shape kinds of a scene: one or two, distinct; the LoRA splits put a star in their scenes."""
-    two = rng.random() < 0.5
+    two = rng.random() < 0.5 and not is_easy(split, index)
     if split in ("lora_train", "lora_heldout") and (split == "lora_heldout" or index % 3 != 2):
         others = list(rng.permutation(BASE_SHAPES))
         kinds = [NEW_SHAPE] + ([others[0]] if two else [])
@@ -79,9 +89,12 @@ def make_scene(rng, split="train", index=0):
     coordinates as fractions of the image side; objects never overlap."""
     kinds = _kinds_for(rng, split, index)
     colours = list(rng.permutation(list(COLOURS))[:len(kinds)])
-    counts = [int(rng.integers(1, 4)) for _ in kinds]
+    easy = is_easy(split, index)
+    counts = [1 if easy else int(rng.integers(1, 4)) for _ in kinds]
     total = sum(counts)
     low, high = {1: (0.24, 0.56), 2: (0.2, 0.38), 3: (0.17, 0.3)}.get(total, (0.14, 0.24))
+    if easy:
+        low, high = 0.4, 0.62
     while True:   # rejection sampling of non-overlapping positions (always succeeds quickly at these sizes)
         placed = []
         for _ in range(total):
