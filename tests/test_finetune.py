@@ -14,16 +14,22 @@ import numpy as np
 import pytest
 import mindspore as ms
 
-from conftest import REPO, SCRIPTS, tokenizer_matched_config, write_tiny_yaml
+from conftest import REPO, SCRIPTS, load_chat_model, tokenizer_matched_config, write_tiny_yaml
+from visualglm.chat import VisualGLMChat
 from visualglm.errors import UserError
+from visualglm.generation import GenerationConfig
+from visualglm.lora import apply_lora, load_lora
 
 FINETUNE = SCRIPTS / "run_visualglm_finetune.py"
+BASE_STEPS, LORA_STEPS = 100, 200   # the shifted-label base, then the LoRA (see the test)
 
 
 def _yaml(tmp_path, tokenizer, checkpoint, vocab, name="lora.yaml", num_iters=6, dataset=None, use_parallel=False,
-          learning_rate=1e-2, **pet):
+          learning_rate=1e-2, freeze_text=True, **pet):
+    config = tokenizer_matched_config(tokenizer, use_past=False)
+    config.freeze_text = freeze_text
     return write_tiny_yaml(
-        tmp_path / name, SCRIPTS / "run_visualglm_lora.yaml", tokenizer_matched_config(tokenizer, use_past=False),
+        tmp_path / name, SCRIPTS / "run_visualglm_lora.yaml", config,
         checkpoint, vocab, pet_config=dict(dict(layer_range=[0, 2], lora_rank=4, lora_alpha=8), **pet),
         use_parallel=use_parallel,
         lr_schedule=dict(type="AnnealingLR", learning_rate=learning_rate, warmup_steps=2, num_iters=num_iters,
@@ -68,6 +74,41 @@ def test_lora_training_learns_and_changes_only_lora(tmp_path, chatglm_tokenizer,
     assert all(np.abs(v).max() > 0 for n, v in lora.items() if n.endswith("lora_b"))   # B starts at zero
     out = capsys.readouterr().out
     assert "step 5/44 loss" in out and "samples/s" in out and "tokens/s" in out and "eta" in out
+
+
+def test_after_training_the_lora_model_answers_the_training_prompts_with_their_labels(
+        tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file, chat_processor):
+    """The shipped finetune/ set asks every image the same question, so only the image tells the labels apart.
+    The base is first taught (full-parameter, GLM unfrozen) to give every image the label of the next one; the
+    LoRA then has to move each image to its own label. Greedy answers of a fresh KV-cache model with the LoRA
+    loaded (as run_visualglm_with_lora.py builds it) equal every label; before the LoRA none does."""
+    from visualglm.demo.train_demo import save_model
+    samples = json.loads((REPO / "finetune" / "dataset.json").read_text(encoding="utf-8"))
+    assert len({s["prompt"] for s in samples}) == 1 and len({s["label"] for s in samples}) == len(samples)
+    shifted = [dict(s, img=str(REPO / "finetune" / s["img"]), label=samples[(i + 1) % len(samples)]["label"])
+               for i, s in enumerate(samples)]
+    (tmp_path / "shifted.json").write_text(json.dumps(shifted, ensure_ascii=False), encoding="utf-8")
+    base_yaml = _yaml(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file, name="base.yaml",
+                      num_iters=BASE_STEPS, learning_rate=2e-3, dataset=tmp_path / "shifted.json", pet_type="full",
+                      freeze_text=False)
+    base = save_model(_run_in_process(base_yaml, tmp_path / "base", "--batch_size", "4")["model"],
+                      str(tmp_path / "base.ckpt"))
+    lora_yaml = _yaml(tmp_path, chatglm_tokenizer, base, chatglm_vocab_file, num_iters=LORA_STEPS,
+                      lora_rank=8, lora_alpha=16)
+    lora = _run_in_process(lora_yaml, tmp_path / "lora", "--batch_size", "4")["trainable_checkpoint"]
+
+    images = [str(REPO / "finetune" / s["img"]) for s in samples]
+    labels = [s["label"] for s in samples]
+    longest = max(len(chatglm_tokenizer.encode(label, add_special_tokens=False)) for label in labels)
+    config = GenerationConfig(max_new_tokens=longest + 2)
+    before = VisualGLMChat(load_chat_model(chatglm_tokenizer, base), chat_processor, config)
+    assert before.generate(images, [s["prompt"] for s in samples]) == labels[1:] + labels[:1]
+    model = load_chat_model(chatglm_tokenizer, base)
+    apply_lora(model, lora_rank=8, lora_alpha=16, layer_range=[0, 2])
+    load_lora(model, lora)
+    model.set_train(False)
+    after = VisualGLMChat(model, chat_processor, config)
+    assert after.generate(images, [s["prompt"] for s in samples]) == labels
 
 
 def test_logged_learning_rate_follows_the_annealing_formula(tmp_path, chatglm_tokenizer, chat_checkpoint,
