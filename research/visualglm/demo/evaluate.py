@@ -24,6 +24,7 @@ LANGUAGES = ("zh", "en")
 # The issue's bar: held-out accuracy per language on the base questions, and the LoRA's new concept.
 THRESHOLDS = {"colour": 0.9, "shape": 0.9, "count": 0.8}
 NEW_CONCEPT_THRESHOLD = 0.8
+CONCEPT_TYPES = ("description", "shape", "count")   # on star scenes, the answers that name the star
 MAX_DROP = 0.05
 
 
@@ -111,6 +112,13 @@ def _acc(result, lang, qtype):
     return result["accuracy"].get(lang, {}).get(qtype, {}).get("accuracy", 0.0)
 
 
+def concept_accuracy(result):
+    """Accuracy on the held-out star scenes over the questions whose answer names the star (description, shape,
+    count); the colour of the star is answerable without knowing the word, so it is not counted."""
+    cells = [result["accuracy"]["all"][qtype] for qtype in CONCEPT_TYPES if qtype in result["accuracy"]["all"]]
+    return round(sum(c["correct"] for c in cells) / max(1, sum(c["total"] for c in cells)), 4)
+
+
 def check(results):
     """The issue's thresholds as a list of {"what", "value", "bar", "ok"}."""
     checks = []
@@ -120,11 +128,11 @@ def check(results):
             value = _acc(base["heldout"], lang, qtype)
             checks.append({"what": f"base held-out {qtype} ({lang})", "value": value, "bar": f">= {bar}",
                            "ok": value >= bar})
-    after = _acc(lora["lora_heldout"], "all", "all")
+    after, before = concept_accuracy(lora["lora_heldout"]), concept_accuracy(base["lora_heldout"])
     checks.append({"what": "new concept (star) with the LoRA", "value": after, "bar": f">= {NEW_CONCEPT_THRESHOLD}",
                    "ok": after >= NEW_CONCEPT_THRESHOLD})
-    checks.append({"what": "new concept (star) before the LoRA", "value": _acc(base["lora_heldout"], "all", "all"),
-                   "bar": "near 0", "ok": _acc(base["lora_heldout"], "all", "all") <= 0.2})
+    checks.append({"what": "new concept (star) before the LoRA", "value": before, "bar": "near 0",
+                   "ok": before <= 0.2})
     for lang in LANGUAGES:
         for qtype in QUESTION_TYPES:
             drop = _acc(base["heldout"], lang, qtype) - _acc(lora["heldout"], lang, qtype)
@@ -144,7 +152,8 @@ def markdown(summary):
     for qtype in QUESTION_TYPES + ("all",):
         cells = [_cell(ev[model]["heldout"], lang, qtype) for model in ("base", "lora") for lang in LANGUAGES]
         lines.append(f"| {qtype} | " + " | ".join(cells) + " |")
-    lines += ["", "New concept (star, taught by the LoRA only), held-out star scenes:", "",
+    lines += ["", "New concept (star, taught by the LoRA only), held-out star scenes (the new-concept figure of the "
+              "checks counts the description, shape and count questions, whose answers name the star):", "",
               "| question type | before zh | before en | after zh | after en |", "|---|---|---|---|---|"]
     for qtype in QUESTION_TYPES + ("all",):
         cells = [_cell(ev[model]["lora_heldout"], lang, qtype) for model in ("base", "lora") for lang in LANGUAGES]
@@ -161,7 +170,7 @@ def _cell(result, lang, qtype):
 
 def write_report(summary, json_path, md_path):
     report = {k: summary[k] for k in ("seed", "model", "vocab_size", "parameters", "lora_parameters", "weights_bytes",
-                                      "data", "warmup", "stage1", "stage2", "warmup_seconds",
+                                      "data", "vision", "stage1", "stage2", "vision_seconds",
                                       "stage1_seconds", "stage2_seconds",
                                       "total_seconds", "evaluation") if k in summary}
     with open(json_path, "w", encoding="utf-8") as f:

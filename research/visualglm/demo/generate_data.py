@@ -1,12 +1,12 @@
 """Synthetic shape scenes with bilingual questions and answers, for training and checking the demo model.
 
-Each scene holds one or two kinds of shapes (circle, square, triangle; the star only in the LoRA splits), each
-kind in one colour and one to three copies, of random sizes and positions on a light plain or gradient
-background, sometimes outlined, with a little pixel noise. Every image gets eight question/answer pairs: a
+Each scene holds one kind of shape (circle, square, triangle; the star only in the LoRA splits) in one colour,
+one to three copies of random size, position and rotation, on a light plain or gradient background, sometimes
+outlined, with a little pixel noise. Every image gets eight question/answer pairs: a
 description, the colour of a shape, the shape of a colour and a count, each in Chinese and in English, e.g.
 
-    描述这张图片。              -> 图中有两个绿色的三角形和一个黄色的正方形。
-    What colour is the square?  -> It is yellow.
+    描述这张图片。              -> 图中有两个绿色的三角形。
+    What colour is the square?  -> It is yellow.       (or: What colour are the squares? -> They are yellow.)
     图中红色的物体是什么形状？  -> 圆形。
     How many triangles are there? -> There are two triangles.
 
@@ -16,9 +16,8 @@ language and whether it involves the new concept):
 
     train/          base scenes (no star)                     for the full-parameter stage
     heldout/        base scenes, other images                 base evaluation
-    lora_train/     scenes with a star (and base scenes)      for the LoRA stage
+    lora_train/     every other scene a star, else a base one for the LoRA stage
     lora_heldout/   scenes with a star, other images          new-concept evaluation
-    easy/           one large base shape per scene            the warm-up of stage 1 (colour questions)
 
 Everything is a function of --seed: image i of a split is drawn from its own generator seeded with
 (seed, split, i), so the same seed gives byte-identical files and the splits share no image.
@@ -55,33 +54,28 @@ BACKGROUNDS = ((250, 250, 250), (170, 210, 240), (232, 232, 232), (246, 236, 212
                (242, 222, 232), (222, 228, 250))
 ZH_NUMBERS = {1: "一", 2: "两", 3: "三"}
 EN_NUMBERS = {0: "no", 1: "one", 2: "two", 3: "three"}
-SPLITS = {"train": 0, "heldout": 1, "lora_train": 2, "lora_heldout": 3, "easy": 4}
+SPLITS = {"train": 0, "heldout": 1, "lora_train": 2, "lora_heldout": 3}
 QUESTION_TYPES = ("description", "colour", "shape", "count")
 LANGUAGES = ("zh", "en")
-DEFAULT_COUNTS = {"train": 2500, "heldout": 150, "lora_train": 600, "lora_heldout": 100, "easy": 1200}
-IMAGE_SIZE = 112              # the demo model's input size: dataset images are stored at it (no resize)
+DEFAULT_COUNTS = {"train": 6000, "heldout": 150, "lora_train": 800, "lora_heldout": 100}
+IMAGE_SIZE = 96               # the demo model's input size: dataset images are stored at it (no resize)
+MAX_ROTATION = 20.0          # degrees either way
+MAX_COUNT = 3
 SUPERSAMPLE = 4               # shapes are drawn at 4x and downsampled: anti-aliased edges
 
 
 # ------------------------------------------------------------------------------------------------ scenes
-EASY_EVERY = 4   # in the training splits every 4th scene is an easy one: a single large shape
-
-
-def is_easy(split, index):
-    """Easy scenes (one large shape) let the model find the image in its first steps: trained from scratch on
-    busy scenes only, it learns the answers' wording first and ignores the image for a long time."""
-    return split == "easy" or (split.endswith("train") and index % EASY_EVERY == 0)
+OBJECT_SIZE = (0.2, 0.34)    # an object's size (fraction of the image side), the same range at every count
 
 
 def _kinds_for(rng, split, index):
-    """The shape kinds of a scene: one or two, distinct; the LoRA splits put a star in their scenes."""
-    two = rng.random() < 0.5 and not is_easy(split, index)
-    if split in ("lora_train", "lora_heldout") and (split == "lora_heldout" or index % 3 != 2):
-        others = list(rng.permutation(BASE_SHAPES))
-        kinds = [NEW_SHAPE] + ([others[0]] if two else [])
-    else:
-        kinds = list(rng.permutation(BASE_SHAPES)[:2 if two else 1])
-    return kinds
+    """The shape kind of a scene (a list of one: the scene format allows several kinds, but a model this small
+    does not learn which colour goes with which shape in the time budget). The LoRA splits draw stars: every
+    other scene of lora_train (the others a base shape, so that the LoRA stage does not unlearn them) and
+    every scene of lora_heldout."""
+    if split == "lora_heldout" or (split == "lora_train" and index % 2 == 0):
+        return [NEW_SHAPE]
+    return [str(rng.choice(BASE_SHAPES))]
 
 
 def make_scene(rng, split="train", index=0):
@@ -89,12 +83,9 @@ def make_scene(rng, split="train", index=0):
     coordinates as fractions of the image side; objects never overlap."""
     kinds = _kinds_for(rng, split, index)
     colours = list(rng.permutation(list(COLOURS))[:len(kinds)])
-    easy = is_easy(split, index)
-    counts = [1 if easy else int(rng.integers(1, 4)) for _ in kinds]
+    counts = [int(rng.integers(1, MAX_COUNT + 1)) for _ in kinds]
     total = sum(counts)
-    low, high = {1: (0.24, 0.56), 2: (0.2, 0.38), 3: (0.17, 0.3)}.get(total, (0.14, 0.24))
-    if easy:
-        low, high = 0.4, 0.62
+    low, high = OBJECT_SIZE
     while True:   # rejection sampling of non-overlapping positions (always succeeds quickly at these sizes)
         placed = []
         for _ in range(total):
@@ -103,7 +94,7 @@ def make_scene(rng, split="train", index=0):
                 margin = size / 2 + 0.03
                 cx, cy = (float(v) for v in rng.uniform(margin, 1 - margin, 2))
                 if all((cx - x) ** 2 + (cy - y) ** 2 > ((size + s) * 0.5 * 1.1 + 0.02) ** 2 for x, y, s, _ in placed):
-                    placed.append((cx, cy, size, float(rng.uniform(-20, 20))))
+                    placed.append((cx, cy, size, float(rng.uniform(-MAX_ROTATION, MAX_ROTATION))))
                     break
             else:
                 break
@@ -317,15 +308,15 @@ def chinese_words():
 # Scenes of the example images in examples/ (drawn at 224 px, the model resizes them).
 EXAMPLE_SCENES = {
     "demo_blue_square.png": {"background": [250, 250, 250], "gradient": None, "outline": False,
-                             "groups": [{"shape": "square", "colour": "blue", "objects": [[0.5, 0.5, 0.45, 8.0]]}],
+                             "groups": [{"shape": "square", "colour": "blue", "objects": [[0.5, 0.5, 0.28, 8.0]]}],
                              "jitter": [[0, 0, 0]], "noise_seed": 1, "noise": 3.0},
-    "demo_shapes.png": {"background": [246, 236, 212], "gradient": None, "outline": False,
-                        "groups": [{"shape": "triangle", "colour": "green",
-                                    "objects": [[0.22, 0.3, 0.26, 0.0], [0.72, 0.26, 0.26, -6.0]]},
-                                   {"shape": "circle", "colour": "orange", "objects": [[0.5, 0.74, 0.3, 0.0]]}],
-                        "jitter": [[0, 0, 0], [0, 0, 0]], "noise_seed": 2, "noise": 3.0},
+    "demo_triangles.png": {"background": [246, 236, 212], "gradient": None, "outline": False,
+                           "groups": [{"shape": "triangle", "colour": "green",
+                                       "objects": [[0.25, 0.28, 0.28, 0.0], [0.72, 0.3, 0.27, -6.0],
+                                                   [0.48, 0.74, 0.3, 5.0]]}],
+                           "jitter": [[0, 0, 0]], "noise_seed": 2, "noise": 3.0},
     "demo_star.png": {"background": [222, 228, 250], "gradient": None, "outline": False,
-                      "groups": [{"shape": "star", "colour": "yellow", "objects": [[0.5, 0.5, 0.5, 0.0]]}],
+                      "groups": [{"shape": "star", "colour": "yellow", "objects": [[0.5, 0.5, 0.33, 0.0]]}],
                       "jitter": [[0, 0, 0]], "noise_seed": 3, "noise": 3.0},
 }
 

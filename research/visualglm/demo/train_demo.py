@@ -2,11 +2,13 @@
 
 1. generate the synthetic scenes and their bilingual questions (generate_data.py);
 2. train the tokenizer on their text (tokenizer.py);
-3. stage 1, full-parameter training of a freshly initialised small VisualGLM (ViT, Q-Former, projection and
-   GLM all trainable) on the base scenes, by `visualglm.finetune.run_finetune` with `pet_type: full`;
-4. stage 2, LoRA on the GLM's attention that teaches one new concept, the star (星形), absent from stage 1,
+3. stage 0, the vision tower (ViT + ln_vision) of a freshly initialised small VisualGLM pretrained as an image
+   classifier (pretrain_vision.py; the demo's stand-in for EVA-CLIP);
+4. stage 1, full-parameter training of the Q-Former, projection and GLM with the ViT frozen (as VisualGLM-6B
+   trains) on the base scenes, by `visualglm.finetune.run_finetune` with `pet_type: full`;
+5. stage 2, LoRA on the GLM's attention that teaches one new concept, the star (星形), absent from stage 1,
    by `run_finetune` with `pet_type: lora` on the stage-1 model;
-5. evaluate both on the held-out splits (evaluate.py) and write the weights, tokenizer, inference yamls
+6. evaluate both on the held-out splits (evaluate.py) and write the weights, tokenizer, inference yamls
    and the evaluation table (eval.json, eval.md) to --out; with --ship also into research/visualglm/demo/weights/.
 
     python research/visualglm/demo/train_demo.py --seed 0 --out output/visualglm_demo [--ship]
@@ -32,35 +34,33 @@ SHIP_DIR = os.path.join(HERE, "weights")
 
 # The demo model: VisualGLM's architecture at a small size (fits the 25 MB budget in float32).
 MODEL = {
-    "image_size": 112, "patch_size": 14,
+    "image_size": 96, "patch_size": 16,
     "vit_hidden": 96, "vit_layers": 3, "vit_heads": 4,
     "qformer_hidden": 96, "qformer_layers": 2, "qformer_heads": 4, "query_length": 16,
     "glm_hidden": 128, "glm_layers": 3, "glm_heads": 4,
 }
-# Stage 1 warm-up: a few hundred steps of Chinese colour questions about single large shapes. Trained from scratch
-# on the full mixture the model first learns the answers' wording and ignores the image for a long time; this
-# short phase makes it read the image within ~50 steps, and the full mixture then builds on that.
-WARMUP = {"epochs": 3, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 20, "weight_decay": 0.01,
-          "max_grad_norm": 1.0, "types": ["colour"], "langs": ["zh"]}
-STAGE1 = {"epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 100, "weight_decay": 0.01,
-          "max_grad_norm": 1.0}
+# Stage 0: the ViT classifier on the images of the training splits.
+VISION = {"steps": 5000, "batch_size": 32, "learning_rate": 1e-3, "weight_decay": 0.01}
+STAGE1 = {"epochs": 1, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 100, "weight_decay": 0.01,
+          "max_grad_norm": 1.0, "samples": 32000}   # the first `samples` questions of train/ (a fixed shuffle)
 STAGE2 = {"epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 30, "weight_decay": 0.0,
           "max_grad_norm": 1.0, "lora_rank": 8, "lora_alpha": 16,
           "target_modules": r"attention\.(query_key_value|dense)$"}
 MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH = 40, 16
 INFERENCE_SEQ_LENGTH = 64
-SMOKE = {"data": {"train": 2, "heldout": 2, "lora_train": 2, "lora_heldout": 2, "easy": 4},
-         "warmup": {"epochs": 1, "batch_size": 2, "warmup_steps": 1},
+SMOKE = {"data": {"train": 4, "heldout": 2, "lora_train": 2, "lora_heldout": 2},
+         "vision": {"steps": 3, "batch_size": 4},
          "stage1": {"epochs": 1, "batch_size": 4, "warmup_steps": 1},
          "stage2": {"epochs": 1, "batch_size": 4, "warmup_steps": 1}}
 
 
 # ------------------------------------------------------------------------------------------------ config
 def model_section(vocab, checkpoint, use_past, seq_length, batch_size=1, sizes=None):
-    """The yaml's model.model_config for the demo sizes and the tokenizer's special ids."""
+    """The yaml's model.model_config for the demo sizes and the tokenizer's special ids (the ViT frozen, as
+    stage 0 trained it)."""
     m = dict(MODEL, **(sizes or {}))
     return {
-        "type": "VisualGLMConfig", "batch_size": batch_size, "freeze_vision": False, "freeze_text": False,
+        "type": "VisualGLMConfig", "batch_size": batch_size, "freeze_vision": True, "freeze_text": False,
         "max_txt_len": 32, "checkpoint_name_or_path": checkpoint, "dtype": "float32", "compute_dtype": "float32",
         "layernorm_compute_type": "float32", "softmax_compute_type": "float32", "ln_vision_eps": 1.0e-5,
         "vision_config": {"type": "ViTConfig", "image_size": m["image_size"], "patch_size": m["patch_size"],
@@ -150,53 +150,49 @@ def schedule_for(stage, samples):
 
 
 # ------------------------------------------------------------------------------------------------ weights
-INIT = {"pos_std": 0.02, "qk_gain": 3.0}
-# query and key projections whose attention should be sharp from the start: the ViT's and the Q-Former's
-# cross-attention over the image
-_SHARP = ("attention.dense1.weight", "attention.dense2.weight", "crossattention.self_att.query.weight",
-          "crossattention.self_att.key.weight")
-
-
-def init_checkpoint(config, path, seed, pos_std=INIT["pos_std"], qk_gain=INIT["qk_gain"]):
-    """A freshly initialised model, drawn with numpy from the seed so that it is the same on every machine, saved
-    as a whole-model checkpoint: weights N(0, 1/fan_in) (unit-variance activations at every depth), embeddings and
-    query tokens N(0, 1), the ViT's position embeddings and CLS token N(0, pos_std), biases 0, LayerNorms 1.
-
-    The usual N(0, 0.02) leaves the image signal so faint in these narrow layers that the model learns the
-    answers' wording and then ignores the image for thousands of steps. Here the ViT's and the Q-Former's
-    cross-attention query/key weights are qk_gain times larger, so that attention is sharp from the start and
-    picks out the shapes rather than averaging the (mostly background) image: the image embeddings then vary
-    between images by ~40% instead of ~10%, and the model uses the image within a few hundred steps."""
+def init_model(config, seed):
+    """A freshly initialised model, drawn with numpy from the seed so that it is the same on every machine:
+    weights N(0, 1/fan_in) (unit-variance activations at every depth), embeddings and query tokens N(0, 1),
+    biases 0, LayerNorms 1. The ViT keeps the model's own initialisers (seeded by ms.set_seed), under which the
+    stage-0 classifier learns fastest. (At this scale the Q-Former's attention over the image starts nearly
+    uniform, a mean over the ViT's tokens: the very features the stage-0 classifier was trained to read.)"""
     import mindspore as ms
     from visualglm.modeling import build_model
+    ms.set_seed(seed)
     model = build_model(config)
     rng = np.random.default_rng([seed, 7])
     for param in model.get_parameters():
         name = param.name
-        if name.endswith(("key_past", "value_past")):
+        if name.endswith(("key_past", "value_past")) or name.startswith("visual_encoder."):
             continue
         shape = tuple(param.shape)
         if name.endswith("gamma"):
             value = np.ones(shape)
         elif name.endswith(("beta", "bias")):
             value = np.zeros(shape)
-        elif name.endswith(("pos_embed", "cls_tokens")):
-            value = rng.normal(0.0, pos_std, shape)
         elif name.endswith(("embedding_table", "query_tokens")):
             value = rng.normal(0.0, 1.0, shape)
         else:
-            if name.endswith("patch_embed.proj.weight"):
-                fan_in = int(np.prod(shape[1:]))
-            elif name.endswith(("projection.weight", "mapping.weight")):   # ViT Linears stored [in, out]
-                fan_in = shape[0]
-            else:
-                fan_in = shape[-1]
-            sharp = name.endswith(_SHARP) and ("visual_encoder." in name or "crossattention." in name)
-            gain = qk_gain if sharp else 1.0
-            value = rng.normal(0.0, gain / np.sqrt(fan_in), shape)
+            fan_in = shape[0] if name.endswith(("projection.weight", "mapping.weight")) else shape[-1]
+            value = rng.normal(0.0, 1.0 / np.sqrt(fan_in), shape)
         param.set_data(ms.Tensor(value.astype(np.float32)))
-    save_model(model, path)
-    return path
+    return model
+
+
+def vision_data(data, seed, splits, image_size):
+    """(pixels [N, 3, S, S], targets [N, 3]) of every image of the given splits, preprocessed as the model's
+    processor does, with the scene's shape, colour and count as targets."""
+    from visualglm.demo.generate_data import make_scene, scene_rng
+    from visualglm.demo.pretrain_vision import scene_targets
+    from visualglm.processing import VisualGLMImageProcessor
+    processor = VisualGLMImageProcessor(image_size)
+    pixels, targets = [], []
+    for split in splits:
+        folder = os.path.join(data, split, "images")
+        for index in range(len(os.listdir(folder))):
+            pixels.append(processor.preprocess_one(os.path.join(folder, f"{split}_{index:05d}.png")))
+            targets.append(scene_targets(make_scene(scene_rng(seed, split, index), split, index)))
+    return np.stack(pixels).astype(np.float32), np.asarray(targets, np.int32)
 
 
 def save_model(model, path):
@@ -245,46 +241,63 @@ def run_stage(yaml_path, dataset, output_dir, seed, batch_size, num_iters):
     return result
 
 
+def first_entries(path, count, name):
+    """A dataset.json of the first `count` entries of `path`, next to it."""
+    with open(path, encoding="utf-8") as f:
+        entries = json.load(f)[:count]
+    out = os.path.join(os.path.dirname(path), name)
+    with open(out, "w", encoding="utf-8") as f:
+        json.dump(entries, f, ensure_ascii=False, indent=0)
+    return out, len(entries)
+
+
 def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, sizes=None, skip_eval=False,
-          eval_batch_size=16, stage1_only=False, warmup=None):
+          eval_batch_size=16, stage1_only=False, vision=None):
     """The whole recipe; returns the summary dict (also written to out/summary.json)."""
+    from visualglm import app
     from visualglm.configuration import load_config
     from visualglm.demo import evaluate as evaluation
     from visualglm.demo.generate_data import chinese_words, corpus_lines, generate
+    from visualglm.demo.pretrain_vision import accuracy, pretrain_vision
     from visualglm.demo.tokenizer import train_tokenizer
     from visualglm.tokenization import ChatGLMTokenizer
 
     t0 = time.time()
     os.makedirs(out, exist_ok=True)
+    sv = dict(VISION, **(SMOKE["vision"] if smoke else {}), **(vision or {}))
     s1 = dict(STAGE1, **(SMOKE["stage1"] if smoke else {}), **(stage1 or {}))
     s2 = dict(STAGE2, **(SMOKE["stage2"] if smoke else {}), **(stage2 or {}))
     counts = dict(SMOKE["data"] if smoke else {}, **(data_counts or {}))
+    image_size = dict(MODEL, **(sizes or {}))["image_size"]
     data = os.path.join(out, "data")
-    written = generate(data, seed, counts)
+    written = generate(data, seed, counts, size=image_size)
     print(f"data: {written} ({time.time() - t0:.0f} s)", flush=True)
 
     vocab_path = train_tokenizer(corpus_lines(seed, counts), os.path.join(out, "demo_tokenizer.model"),
                                  chinese_words())
     vocab = ChatGLMTokenizer(vocab_path)
 
-    # stage 1: full-parameter training from a fresh initialisation: the warm-up, then the full mixture
-    sw = dict(WARMUP, **(SMOKE["warmup"] if smoke else {}), **(warmup or {}))
-    warm_set = filter_split(os.path.join(data, "easy"), "warmup.json", sw["types"], sw["langs"])
+    # stage 0: a fresh model; its vision tower pretrained as an image classifier
+    train_set, s1_samples = first_entries(os.path.join(data, "train", "dataset.json"), s1["samples"], "stage1.json")
+    s1["steps"], s1["num_iters"] = schedule_for(s1, s1_samples)
     init_path = os.path.join(out, "init.ckpt")
-    stage1_yaml = write_yaml(os.path.join(out, "stage1_full.yaml"),
-                             finetune_yaml(vocab, vocab_path, init_path, "", dict(s1, num_iters=1), seed, False,
-                                           sizes))
-    init_checkpoint(load_config(stage1_yaml), init_path, seed)
-    sw["steps"], sw["num_iters"] = schedule_for(sw, count_entries(warm_set))
-    warm_yaml = write_yaml(os.path.join(out, "stage1_warmup.yaml"),
-                           finetune_yaml(vocab, vocab_path, init_path, warm_set, sw, seed, False, sizes))
-    result0 = run_stage(warm_yaml, warm_set, os.path.join(out, "warmup"), seed, sw["batch_size"], sw["num_iters"])
-    warm_path = save_model(result0["model"], os.path.join(out, "warmup.ckpt"))
-    print(f"warm-up: {result0['steps']} steps in {result0['seconds']:.0f} s, loss "
-          f"{np.mean(result0['losses'][:20]):.3f} -> {np.mean(result0['losses'][-20:]):.4f}", flush=True)
-    train_set = os.path.join(data, "train", "dataset.json")
-    s1["steps"], s1["num_iters"] = schedule_for(s1, written["train"])
-    write_yaml(stage1_yaml, finetune_yaml(vocab, vocab_path, warm_path, train_set, s1, seed, False, sizes))
+    stage1 = finetune_yaml(vocab, vocab_path, init_path, train_set, s1, seed, False, sizes)
+    stage1_yaml = write_yaml(os.path.join(out, "stage1_full.yaml"), stage1)
+    app.set_device(stage1["context"]["device_target"])   # GRAPH mode, as the finetune stages run
+    model = init_model(load_config(stage1_yaml), seed)
+    t_vision = time.time()
+    pixels, targets = vision_data(data, seed, ("train", "lora_train"), image_size)
+    losses, classifier = pretrain_vision(model, pixels, targets, sv["steps"], sv["batch_size"], sv["learning_rate"],
+                                         sv["weight_decay"], seed)
+    held_pixels, held_targets = vision_data(data, seed, ("heldout", "lora_heldout"), image_size)
+    vision_accuracy = accuracy(classifier, held_pixels, held_targets)
+    vision_seconds = time.time() - t_vision
+    save_model(model, init_path)
+    del pixels, classifier
+    print(f"stage 0: {sv['steps']} steps in {vision_seconds:.0f} s, loss {np.mean(losses[:50]):.3f} -> "
+          f"{np.mean(losses[-50:]):.4f}, held-out accuracy {vision_accuracy}", flush=True)
+
+    # stage 1: full-parameter training (ViT frozen) on the base questions
     result1 = run_stage(stage1_yaml, train_set, os.path.join(out, "stage1"), seed, s1["batch_size"], s1["num_iters"])
     base_path = save_model(result1["model"], os.path.join(out, "visualglm_demo.ckpt"))
     print(f"stage 1: {result1['steps']} steps in {result1['seconds']:.0f} s, loss "
@@ -320,7 +333,8 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
         "parameters": count_parameters(base_path), "lora_parameters": count_parameters(lora_path),
         "weights_bytes": os.path.getsize(base_path) + os.path.getsize(lora_path) + os.path.getsize(vocab_path),
         "data": {split: {"images": counts.get(split), "questions": n} for split, n in written.items()},
-        "warmup": dict(sw), "warmup_seconds": round(result0["seconds"], 1), "stage1": {k: v for k, v in s1.items()}, "stage2": {k: v for k, v in s2.items()},
+        "vision": dict(sv, heldout_accuracy=vision_accuracy), "vision_seconds": round(vision_seconds, 1),
+        "stage1": dict(s1), "stage2": dict(s2),
         "stage1_seconds": round(result1["seconds"], 1), "stage2_seconds": round(result2["seconds"], 1),
         "stage1_final_loss": float(np.mean(result1["losses"][-50:])),
         "stage2_final_loss": float(np.mean(result2["losses"][-50:])),
@@ -346,15 +360,16 @@ YAML_HEADER = """# The embedded demo model: VisualGLM's exact architecture at a 
 # research/visualglm/demo/train_demo.py (seed {seed}) on synthetic shape scenes; weights and tokenizer are in
 # research/visualglm/demo/weights/. Runs on any CPU in seconds:
 #   python research/visualglm/{script} --config research/visualglm/{name}{lora} \\
-#       --image_path examples/demo_blue_square.png --prompt "描述这张图片。"
+#       --image_path examples/{image} --prompt "描述这张图片。"
 # Ask about shapes (circle, square, triangle{star}), their colours and counts, in Chinese or English (no --english:
 # like in training, every question uses the Chinese template 问：…\\n答：).
 """
 
 
 def ship(out, summary):
-    """Copy the weights, tokenizer and evaluation of a run into research/visualglm/demo/weights/ and write the
-    two demo yamls next to the run scripts (paths relative to the repository root)."""
+    """Copy the weights, tokenizer and evaluation of a run into research/visualglm/demo/weights/, write the
+    two demo yamls next to the run scripts (paths relative to the repository root) and the example images
+    into examples/."""
     from visualglm.tokenization import ChatGLMTokenizer
     os.makedirs(SHIP_DIR, exist_ok=True)
     for name in SHIPPED_FILES:
@@ -366,13 +381,15 @@ def ship(out, summary):
     write_yaml(DEMO_YAML, inference_yaml(vocab, f"{rel}/demo_tokenizer.model", f"{rel}/visualglm_demo.ckpt",
                                          sizes=sizes),
                YAML_HEADER.format(script="run_visualglm.py", name=os.path.basename(DEMO_YAML), lora="", star="",
-                                  **common))
+                                  image="demo_blue_square.png", **common))
     write_yaml(DEMO_LORA_YAML, inference_yaml(vocab, f"{rel}/demo_tokenizer.model", f"{rel}/visualglm_demo.ckpt",
                                               lora=summary["stage2"], sizes=sizes),
                YAML_HEADER.format(script="run_visualglm_with_lora.py", name=os.path.basename(DEMO_LORA_YAML),
                                   lora=f" \\\n#       --lora_checkpoint {rel}/visualglm_demo_lora.ckpt", star=", star",
-                                  **common))
-    print(f"shipped to {SHIP_DIR}, {DEMO_YAML}, {DEMO_LORA_YAML}")
+                                  image="demo_star.png", **common))
+    from visualglm.demo.generate_data import write_examples
+    examples = write_examples(os.path.join(REPO_ROOT, "examples"))
+    print(f"shipped to {SHIP_DIR}, {DEMO_YAML}, {DEMO_LORA_YAML}, {', '.join(examples)}")
 
 
 def main(argv=None):
@@ -389,13 +406,13 @@ def main(argv=None):
                         help="experiments: stage1.learning_rate=1e-3, model.glm_layers=4, data.train=2000 ...")
     args = parser.parse_args(argv)
     os.environ.setdefault("LOCAL_DEFAULT_PATH", os.path.join(os.path.abspath(args.out), "mindformers_log"))
-    overrides = {"warmup": {}, "stage1": {}, "stage2": {}, "model": {}, "data": {}}
+    overrides = {"vision": {}, "stage1": {}, "stage2": {}, "model": {}, "data": {}}
     for item in args.set:
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")
         overrides[section][name] = json.loads(value) if value[:1] in "0123456789-[{\"tf" else value
     summary = train(args.out, args.seed, args.smoke, overrides["stage1"], overrides["stage2"], overrides["data"],
-                    overrides["model"], args.skip_eval, stage1_only=args.stage1_only, warmup=overrides["warmup"])
+                    overrides["model"], args.skip_eval, stage1_only=args.stage1_only, vision=overrides["vision"])
     if summary["total_seconds"] > args.minutes_budget * 60:
         print(f"warning: the run took {summary['total_seconds'] / 60:.1f} min, over the {args.minutes_budget} min "
               "budget", file=sys.stderr)
