@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,7 +34,7 @@ def _run(script, *args, cwd=REPO):
 def test_examples_are_the_generator_s_scenes(tmp_path):
     for path in generate_data.write_examples(tmp_path):
         shipped = REPO / "examples" / os.path.basename(path)
-        assert shipped.read_bytes() == open(path, "rb").read(), f"{shipped} differs from EXAMPLE_SCENES"
+        assert shipped.read_bytes() == Path(path).read_bytes(), f"{shipped} differs from EXAMPLE_SCENES"
 
 
 def test_quick_start_describes_the_blue_square():
@@ -90,7 +91,7 @@ def _digests(folder):
 def test_scene_questions_follow_the_scene():
     scene, _, records = generate_data.make_sample(0, "train", 1)
     (group,) = scene["groups"]
-    zh_shape, en_one, en_many = generate_data.SHAPES[group["shape"]]
+    zh_shape = generate_data.SHAPES[group["shape"]][0]
     zh_colour = generate_data.COLOURS[group["colour"]][0]
     by_type = {(t, lang): (prompt, label) for t, lang, prompt, label, _ in records}
     assert by_type[("colour", "zh")] == (f"图中的{zh_shape}是什么颜色？", f"{zh_colour}。")

@@ -22,6 +22,7 @@ from visualglm.lora import apply_lora, load_lora
 
 FINETUNE = SCRIPTS / "run_visualglm_finetune.py"
 BASE_STEPS, LORA_STEPS = 100, 200   # the shifted-label base, then the LoRA (see the test)
+MEMORISING_LORA = dict(layer_range=[0, 2], lora_rank=8, lora_alpha=16)
 
 
 def _yaml(tmp_path, tokenizer, checkpoint, vocab, name="lora.yaml", num_iters=6, dataset=None, use_parallel=False,
@@ -94,21 +95,21 @@ def test_after_training_the_lora_model_answers_the_training_prompts_with_their_l
     base = save_model(_run_in_process(base_yaml, tmp_path / "base", "--batch_size", "4")["model"],
                       str(tmp_path / "base.ckpt"))
     lora_yaml = _yaml(tmp_path, chatglm_tokenizer, base, chatglm_vocab_file, num_iters=LORA_STEPS,
-                      lora_rank=8, lora_alpha=16)
+                      **MEMORISING_LORA)
     lora = _run_in_process(lora_yaml, tmp_path / "lora", "--batch_size", "4")["trainable_checkpoint"]
 
     images = [str(REPO / "finetune" / s["img"]) for s in samples]
-    labels = [s["label"] for s in samples]
+    prompts, labels = [s["prompt"] for s in samples], [s["label"] for s in samples]
     longest = max(len(chatglm_tokenizer.encode(label, add_special_tokens=False)) for label in labels)
     config = GenerationConfig(max_new_tokens=longest + 2)
     before = VisualGLMChat(load_chat_model(chatglm_tokenizer, base), chat_processor, config)
-    assert before.generate(images, [s["prompt"] for s in samples]) == labels[1:] + labels[:1]
+    assert before.generate(images, prompts) == labels[1:] + labels[:1]
     model = load_chat_model(chatglm_tokenizer, base)
-    apply_lora(model, lora_rank=8, lora_alpha=16, layer_range=[0, 2])
+    apply_lora(model, **MEMORISING_LORA)
     load_lora(model, lora)
     model.set_train(False)
     after = VisualGLMChat(model, chat_processor, config)
-    assert after.generate(images, [s["prompt"] for s in samples]) == labels
+    assert after.generate(images, prompts) == labels
 
 
 def test_logged_learning_rate_follows_the_annealing_formula(tmp_path, chatglm_tokenizer, chat_checkpoint,

@@ -18,6 +18,9 @@ import numpy as np
 from visualglm.demo.generate_data import COLOURS, MAX_COUNT, SHAPES
 
 HEADS = (("shape", list(SHAPES)), ("colour", list(COLOURS)), ("count", list(range(1, MAX_COUNT + 1))))
+# each head's (start, end) columns of the classifier's logits
+_ENDS = np.cumsum([len(classes) for _, classes in HEADS]).tolist()
+HEAD_COLUMNS = tuple(zip([0] + _ENDS[:-1], _ENDS))
 
 
 def scene_targets(scene):
@@ -30,10 +33,10 @@ def scene_targets(scene):
 def _classifier(model, seed):
     """The ViT, its ln_vision and a linear head on the mean over tokens; the head drawn with numpy from seed."""
     import mindspore as ms
-    from mindspore import nn, ops
+    from mindspore import nn
 
     hidden = model.visual_encoder.pos_embed.shape[-1]
-    outputs = sum(len(classes) for _, classes in HEADS)
+    outputs = HEAD_COLUMNS[-1][1]
     rng = np.random.default_rng([seed, 11])
 
     class VisionClassifier(nn.Cell):
@@ -45,32 +48,29 @@ def _classifier(model, seed):
                                  weight_init=ms.Tensor(rng.normal(0, hidden ** -0.5, (outputs, hidden)), ms.float32),
                                  bias_init="zeros")
             self.ce = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
-            self.splits = tuple(np.cumsum([len(classes) for _, classes in HEADS])[:-1].tolist())
 
         def logits(self, pixels):
             return self.head(self.ln_vision(self.visual_encoder(pixels)).mean(1))
 
         def construct(self, pixels, targets):
             logits = self.logits(pixels)
-            starts = (0,) + self.splits
-            ends = self.splits + (logits.shape[-1],)
             loss = 0.0
-            for i in range(len(starts)):
-                loss = loss + self.ce(logits[:, starts[i]:ends[i]], targets[:, i])
+            for i, (start, end) in enumerate(HEAD_COLUMNS):
+                loss = loss + self.ce(logits[:, start:end], targets[:, i])
             return loss
 
-    return VisionClassifier(), ops
+    return VisionClassifier()
 
 
 def pretrain_vision(model, pixels, targets, steps, batch_size, learning_rate, weight_decay, seed, log_steps=250):
     """Train model.visual_encoder and model.ln_vision in place as the classifier above, on pixels
-    [N, 3, S, S] (preprocessed by the model's image processor) and targets [N, 3]. Returns the losses and the
-    training accuracy per head over the last log window."""
+    [N, 3, S, S] (preprocessed by the model's image processor) and targets [N, 3]. Returns the losses of
+    every step and the classifier (for `accuracy`)."""
     import time
     import mindspore as ms
     from mindspore import nn
 
-    net, _ = _classifier(model, seed)
+    net = _classifier(model, seed)
     params = [p for p in net.get_parameters() if not p.name.endswith(("key_past", "value_past"))]
     for p in params:
         p.requires_grad = True
@@ -96,10 +96,6 @@ def accuracy(net, pixels, targets, batch_size=256):
     predictions = []
     for begin in range(0, len(pixels), batch_size):
         logits = net.logits(ms.Tensor(pixels[begin:begin + batch_size])).asnumpy()
-        row, offset = [], 0
-        for _, classes in HEADS:
-            row.append(logits[:, offset:offset + len(classes)].argmax(-1))
-            offset += len(classes)
-        predictions.append(np.stack(row, -1))
+        predictions.append(np.stack([logits[:, start:end].argmax(-1) for start, end in HEAD_COLUMNS], -1))
     predictions = np.concatenate(predictions)
     return {name: float((predictions[:, i] == targets[:, i]).mean()) for i, (name, _) in enumerate(HEADS)}

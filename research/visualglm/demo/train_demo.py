@@ -23,7 +23,6 @@ import os
 import shutil
 import sys
 import time
-from argparse import Namespace
 
 import numpy as np
 
@@ -211,25 +210,6 @@ def count_parameters(path):
 
 
 # ------------------------------------------------------------------------------------------------ stages
-def filter_split(folder, name, types, langs):
-    """A dataset.json of the split's questions of the given types and languages, next to its dataset.json."""
-    with open(os.path.join(folder, "dataset.json"), encoding="utf-8") as f:
-        entries = json.load(f)
-    with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
-        meta = json.load(f)
-    kept = [e for e, m in zip(entries, meta) if m["type"] in types and m["lang"] in langs]
-    path = os.path.join(folder, name)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(kept, f, ensure_ascii=False, indent=0)
-    return path
-
-
-def count_entries(path):
-    with open(path, encoding="utf-8") as f:
-        return len(json.load(f))
-
-
-
 def run_stage(yaml_path, dataset, output_dir, seed, batch_size, num_iters):
     from visualglm.finetune import add_finetune_args, run_finetune
     args = add_finetune_args(argparse.ArgumentParser()).parse_args(
