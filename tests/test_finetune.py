@@ -245,3 +245,30 @@ def test_bad_dataset_fails_before_training(tmp_path, chatglm_tokenizer, chat_che
     assert len(errors) == 1 and errors[0].startswith("error:") and "Traceback" not in result.stderr
     assert "1" in errors[0] and "prompt" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("freeze_qformer", [False, True])
+def test_full_parameter_training_freezes_what_the_config_freezes(freeze_qformer):
+    """freeze_vision keeps the ViT out, freeze_qformer (not upstream's; default off) the Q-Former and its query
+    tokens, freeze_text the GLM; everything else (ln_vision, llm_proj, and the rest) trains."""
+    from visualglm.configuration import VisualGLMConfig
+    from visualglm.finetune import _unfreeze
+    from visualglm.modeling import build_model
+    from conftest import tiny_config
+    config = tiny_config()
+    config.freeze_vision, config.freeze_text, config.freeze_qformer = True, False, freeze_qformer
+    assert VisualGLMConfig().freeze_qformer is False
+    model = build_model(config)
+    _unfreeze(model, config)
+    trainable = {p.name for p in model.get_parameters() if p.requires_grad}
+    names = [p.name for p in model.get_parameters() if not p.name.endswith(("key_past", "value_past"))]
+    in_qformer = [n for n in names if n.startswith("qformer.") or n == "query_tokens"]
+    assert in_qformer and "query_tokens" in in_qformer
+    assert not any(n.startswith("visual_encoder.") for n in trainable)
+    assert all((n in trainable) != freeze_qformer for n in in_qformer)
+    rest = [n for n in names if not n.startswith("visual_encoder.") and n not in in_qformer]
+    assert any(n.startswith("llm_model.") for n in rest) and "llm_proj.weight" in rest
+    assert all(n in trainable for n in rest)
+    rebuilt = {p.name for p in build_model(config).get_parameters() if p.requires_grad}   # the model's own flags
+    assert rebuilt.isdisjoint(in_qformer if freeze_qformer else []) and rebuilt.isdisjoint(
+        [n for n in names if n.startswith("visual_encoder.")])

@@ -157,6 +157,8 @@ def _as_part(value, cls):
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
 class VisualGLMConfig(PretrainedConfig):
     """The whole model. `dtype` is the parameter dtype of the ViT, Q-Former and projection;
+    freeze_vision / freeze_qformer / freeze_text keep the ViT / the Q-Former and its query tokens / the GLM
+    out of full-parameter training (freeze_qformer is not upstream's: False, its default, is upstream);
     `compute_dtype`, `layernorm_compute_type` and `softmax_compute_type` are pushed down into every part
     (MindFormers semantics): float32 on CPU, float16 matmuls with float32 LayerNorm/softmax on Ascend."""
     model_type = "visualglm"
@@ -164,7 +166,8 @@ class VisualGLMConfig(PretrainedConfig):
     def __init__(self, vision_config=None, qformer_config=None, text_config=None, batch_size=1,
                  freeze_vision=True, freeze_text=True, max_txt_len=32, checkpoint_name_or_path=None,
                  dtype="float32", compute_dtype="float16", layernorm_compute_type="float32",
-                 softmax_compute_type="float32", ln_vision_eps=1e-5, image_placeholder_id=None, **kwargs):
+                 softmax_compute_type="float32", ln_vision_eps=1e-5, image_placeholder_id=None,
+                 freeze_qformer=False, **kwargs):
         # Keys the MindFormers yaml carried but VisualGLMConfig never used (spec §2.2, §19.12).
         kwargs.pop("layernorm_dtype", None)
         kwargs.pop("softmax_dtype", None)
@@ -175,6 +178,7 @@ class VisualGLMConfig(PretrainedConfig):
         self.batch_size = batch_size
         self.freeze_vision = freeze_vision
         self.freeze_text = freeze_text
+        self.freeze_qformer = freeze_qformer
         self.max_txt_len = max_txt_len
         self.dtype = dtype
         self.compute_dtype = compute_dtype

@@ -36,7 +36,7 @@ def init_distributed(use_parallel):
 def lora_settings(yaml):
     """LoRA arguments from the pet_config of the model config (or of text_config, where some MindFormers
     yamls put it); None for `pet_type: full` (full-parameter training of every part the config's
-    freeze_vision / freeze_text flags leave trainable)."""
+    freeze_vision / freeze_qformer / freeze_text flags leave trainable)."""
     model_config = yaml.model.model_config
     pet = _get(model_config, "pet_config") or _get(_get(model_config, "text_config"), "pet_config")
     if not pet:
@@ -160,8 +160,11 @@ def run_finetune(args):
 
 
 def _unfreeze(model, config):
-    """Full-parameter training: everything trainable except what freeze_vision / freeze_text freeze."""
-    frozen = (("visual_encoder.",) if config.freeze_vision else ()) + (("llm_model.",) if config.freeze_text else ())
+    """Full-parameter training: everything trainable except what freeze_vision / freeze_qformer / freeze_text
+    freeze."""
+    frozen = ((("visual_encoder.",) if config.freeze_vision else ())
+              + (("qformer.", "query_tokens") if getattr(config, "freeze_qformer", False) else ())
+              + (("llm_model.",) if config.freeze_text else ()))
     for param in model.get_parameters():
         param.requires_grad = not param.name.startswith(frozen) and not param.name.endswith(("key_past", "value_past"))
 

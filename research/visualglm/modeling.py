@@ -58,6 +58,10 @@ class VisualGLMModel(nn.Cell):
         if config.freeze_text:
             for param in self.llm_model.get_parameters():
                 param.requires_grad = False
+        if getattr(config, "freeze_qformer", False):
+            self.query_tokens.requires_grad = False
+            for param in self.qformer.get_parameters():
+                param.requires_grad = False
 
     # ----- graph parts -----
     def _encode_image(self, pixel_values):

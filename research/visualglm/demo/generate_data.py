@@ -18,6 +18,8 @@ language and whether it involves the new concept):
     heldout/        base scenes, other images                 base evaluation
     lora_train/     every other scene a star, else a base one for the LoRA stage
     lora_heldout/   scenes with a star, other images          new-concept evaluation
+    vision_train/   star scenes                               stage 0 only (the vision classifier), so that it
+                                                              sees the four shape kinds about equally often
 
 Everything is a function of --seed: image i of a split is drawn from its own generator seeded with
 (seed, split, i), so the same seed gives byte-identical files and the splits share no image.
@@ -54,10 +56,10 @@ BACKGROUNDS = ((250, 250, 250), (170, 210, 240), (232, 232, 232), (246, 236, 212
                (242, 222, 232), (222, 228, 250))
 ZH_NUMBERS = {1: "一", 2: "两", 3: "三"}
 EN_NUMBERS = {0: "no", 1: "one", 2: "two", 3: "three"}
-SPLITS = {"train": 0, "heldout": 1, "lora_train": 2, "lora_heldout": 3}
+SPLITS = {"train": 0, "heldout": 1, "lora_train": 2, "lora_heldout": 3, "vision_train": 4}
 QUESTION_TYPES = ("description", "colour", "shape", "count")
 LANGUAGES = ("zh", "en")
-DEFAULT_COUNTS = {"train": 6000, "heldout": 150, "lora_train": 800, "lora_heldout": 100}
+DEFAULT_COUNTS = {"train": 6000, "heldout": 150, "lora_train": 800, "lora_heldout": 100, "vision_train": 1800}
 IMAGE_SIZE = 96               # the demo model's input size: dataset images are stored at it (no resize)
 MAX_ROTATION = 20.0          # degrees either way
 MAX_COUNT = 3
@@ -72,8 +74,8 @@ def _kinds_for(rng, split, index):
     """The shape kind of a scene (a list of one: the scene format allows several kinds, but a model this small
     does not learn which colour goes with which shape in the time budget). The LoRA splits draw stars: every
     other scene of lora_train (the others a base shape, so that the LoRA stage does not unlearn them) and
-    every scene of lora_heldout."""
-    if split == "lora_heldout" or (split == "lora_train" and index % 2 == 0):
+    every scene of lora_heldout and vision_train."""
+    if split in ("lora_heldout", "vision_train") or (split == "lora_train" and index % 2 == 0):
         return [NEW_SHAPE]
     return [str(rng.choice(BASE_SHAPES))]
 
@@ -209,11 +211,13 @@ def questions(scene, rng, split="train"):
                                    f"{'objects' if plural else 'object'}?",
                     f"They are {en_many}." if plural else f"It is a {en_one}.", shape == NEW_SHAPE))
 
-    # count: usually a shape in the scene; in the base splits sometimes one that is absent (answer: none)
+    # count: usually a shape in the scene, sometimes one that is absent (answer: none); never in lora_heldout,
+    # whose count questions all measure the star
     present = {g["shape"]: len(g["objects"]) for g in groups}
     asked = shape
-    if not split.startswith("lora") and rng.random() < 0.25:
-        absent = [s for s in BASE_SHAPES if s not in present]
+    if split != "lora_heldout" and rng.random() < 0.25:
+        known = SHAPES if split == "lora_train" else BASE_SHAPES   # the LoRA also learns "no stars here"
+        absent = [s for s in known if s not in present]
         asked = absent[int(rng.integers(len(absent)))]
     n = present.get(asked, 0)
     zh_asked, en_one, en_many = SHAPES[asked]

@@ -1,16 +1,19 @@
-"""Stage 0 of the demo recipe: pretrain the vision tower (ViT + ln_vision) on the generated images.
+"""Stage 0 of the demo recipe: pretrain the vision side (ViT, ln_vision, Q-Former, query tokens) on the images.
 
-VisualGLM-6B never trains its ViT from nothing: it starts from EVA-CLIP, pretrained on billions of images, and
-keeps it frozen while the Q-Former and ChatGLM learn to talk about it. The demo model follows the same plan at
-toy scale. A ViT this small trained from scratch through the language loss learns colours in a few hundred
-steps but shapes only after thousands (shape needs non-linear patch features; the answer tokens carry little
-gradient for them), far more than the 30-minute budget allows at the full model's step cost. Trained alone,
-with a direct signal, it learns them in a few minutes: a linear head on the mean of its ln_vision outputs
-classifies every image's shape kind, colour and object count (three softmax cross-entropies). The head is
-thrown away; stages 1 and 2 then train the rest with the project's finetune code, the ViT frozen.
+VisualGLM-6B never trains its vision side from nothing: its ViT is EVA-CLIP, pretrained on billions of images,
+and its Q-Former comes from BLIP-2, whose first stage teaches the queries to extract what the frozen ViT sees;
+ChatGLM then learns to talk about the queries. The demo model follows the same plan at toy scale. A ViT this
+small trained from scratch through the language loss learns colours in a few hundred steps but shapes only
+after thousands (shape needs non-linear patch features; the answer tokens carry little gradient for them),
+far more than the 30-minute budget allows at the full model's step cost. Trained alone, with a direct signal,
+it learns them in minutes: a linear head on the mean of the Q-Former's query outputs classifies every image's
+shape kind, colour and object count (three softmax cross-entropies). Reading through the Q-Former (not the
+ViT tokens) makes the queries carry those attributes, stars included, before the language stages start, so
+that the LoRA stage finds the star in the queries the base model never needed it from. The head is thrown
+away; stages 1 and 2 then train the rest with the project's finetune code, the ViT frozen.
 
 The classifier sees the images of the training splits only (never a held-out one), stars included: like CLIP,
-the vision tower has seen the world; only the language model has never heard of a star (the LoRA stage's
+the vision side has seen the world; only the language model has never heard of a star (the LoRA stage's
 new concept).
 """
 import numpy as np
@@ -31,11 +34,12 @@ def scene_targets(scene):
 
 
 def _classifier(model, seed):
-    """The ViT, its ln_vision and a linear head on the mean over tokens; the head drawn with numpy from seed."""
+    """The model's vision side (ViT, ln_vision, Q-Former with its query tokens) and a linear head on the mean
+    of the query outputs; the head drawn with numpy from seed."""
     import mindspore as ms
-    from mindspore import nn
+    from mindspore import nn, ops
 
-    hidden = model.visual_encoder.pos_embed.shape[-1]
+    hidden = model.query_tokens.shape[-1]
     outputs = HEAD_COLUMNS[-1][1]
     rng = np.random.default_rng([seed, 11])
 
@@ -44,13 +48,17 @@ def _classifier(model, seed):
             super().__init__()
             self.visual_encoder = model.visual_encoder
             self.ln_vision = model.ln_vision
+            self.qformer = model.qformer
+            self.query_tokens = model.query_tokens
             self.head = nn.Dense(hidden, outputs,
                                  weight_init=ms.Tensor(rng.normal(0, hidden ** -0.5, (outputs, hidden)), ms.float32),
                                  bias_init="zeros")
             self.ce = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
 
         def logits(self, pixels):
-            return self.head(self.ln_vision(self.visual_encoder(pixels)).mean(1))
+            image = self.ln_vision(self.visual_encoder(pixels))
+            queries = ops.broadcast_to(self.query_tokens, (image.shape[0],) + self.query_tokens.shape[1:])
+            return self.head(self.qformer(queries, image).mean(1))
 
         def construct(self, pixels, targets):
             logits = self.logits(pixels)
@@ -62,19 +70,22 @@ def _classifier(model, seed):
     return VisionClassifier()
 
 
-def pretrain_vision(model, pixels, targets, steps, batch_size, learning_rate, weight_decay, seed, log_steps=250):
-    """Train model.visual_encoder and model.ln_vision in place as the classifier above, on pixels
-    [N, 3, S, S] (preprocessed by the model's image processor) and targets [N, 3]. Returns the losses of
-    every step and the classifier (for `accuracy`)."""
+def pretrain_vision(model, pixels, targets, steps, batch_size, learning_rate, weight_decay, seed, warmup_steps=0,
+                    log_steps=250):
+    """Train the model's vision side in place as the classifier above, on pixels [N, 3, S, S] (preprocessed by
+    the model's image processor) and targets [N, 3]: AdamW, a linear warmup and a cosine decay to a tenth
+    (the finetune stages' AnnealingLR). Returns the losses of every step and the classifier (for `accuracy`)."""
     import time
     import mindspore as ms
     from mindspore import nn
+    from visualglm.lr_schedule import AnnealingLR
 
     net = _classifier(model, seed)
     params = [p for p in net.get_parameters() if not p.name.endswith(("key_past", "value_past"))]
     for p in params:
         p.requires_grad = True
-    optimizer = nn.AdamWeightDecay(params, learning_rate=learning_rate, weight_decay=weight_decay)
+    schedule = AnnealingLR(learning_rate, warmup_steps, max(1, steps - warmup_steps), auto_warmup_steps=0)
+    optimizer = nn.AdamWeightDecay(params, learning_rate=schedule, weight_decay=weight_decay)
     step = nn.TrainOneStepCell(net, optimizer)
     step.set_train(True)
     order = np.random.default_rng([seed, 13])

@@ -2,10 +2,10 @@
 
 1. generate the synthetic scenes and their bilingual questions (generate_data.py);
 2. train the tokenizer on their text (tokenizer.py);
-3. stage 0, the vision tower (ViT + ln_vision) of a freshly initialised small VisualGLM pretrained as an image
-   classifier (pretrain_vision.py; the demo's stand-in for EVA-CLIP);
-4. stage 1, full-parameter training of the Q-Former, projection and GLM with the ViT frozen (as VisualGLM-6B
-   trains) on the base scenes, by `visualglm.finetune.run_finetune` with `pet_type: full`;
+3. stage 0, the vision side (ViT, ln_vision, Q-Former) of a freshly initialised small VisualGLM pretrained as
+   an image classifier (pretrain_vision.py; the demo's stand-in for EVA-CLIP and BLIP-2's first stage);
+4. stage 1, full-parameter training of the projection and GLM with the ViT and Q-Former frozen on the base
+   scenes, by `visualglm.finetune.run_finetune` with `pet_type: full`;
 5. stage 2, LoRA on the GLM's attention that teaches one new concept, the star (星形), absent from stage 1,
    by `run_finetune` with `pet_type: lora` on the stage-1 model;
 6. evaluate both on the held-out splits (evaluate.py) and write the weights, tokenizer, inference yamls
@@ -38,8 +38,8 @@ MODEL = {
     "qformer_hidden": 96, "qformer_layers": 2, "qformer_heads": 4, "query_length": 16,
     "glm_hidden": 128, "glm_layers": 3, "glm_heads": 4,
 }
-# Stage 0: the ViT classifier on the images of the training splits.
-VISION = {"steps": 5000, "batch_size": 32, "learning_rate": 1e-3, "weight_decay": 0.01}
+# Stage 0: the vision-side classifier on the images of the training splits.
+VISION = {"steps": 5000, "batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 200, "weight_decay": 0.01}
 STAGE1 = {"epochs": 1, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 100, "weight_decay": 0.01,
           "max_grad_norm": 1.0, "samples": 32000}   # the first `samples` questions of train/ (a fixed shuffle)
 STAGE2 = {"epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 30, "weight_decay": 0.0,
@@ -47,19 +47,21 @@ STAGE2 = {"epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 
           "target_modules": r"attention\.(query_key_value|dense)$"}
 MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH = 40, 16
 INFERENCE_SEQ_LENGTH = 64
-SMOKE = {"data": {"train": 4, "heldout": 2, "lora_train": 2, "lora_heldout": 2},
-         "vision": {"steps": 3, "batch_size": 4},
+SMOKE = {"data": {"train": 4, "heldout": 2, "lora_train": 2, "lora_heldout": 2, "vision_train": 2},
+         "vision": {"steps": 3, "batch_size": 4, "warmup_steps": 1},
          "stage1": {"epochs": 1, "batch_size": 4, "warmup_steps": 1},
          "stage2": {"epochs": 1, "batch_size": 4, "warmup_steps": 1}}
 
 
 # ------------------------------------------------------------------------------------------------ config
 def model_section(vocab, checkpoint, use_past, seq_length, batch_size=1, sizes=None):
-    """The yaml's model.model_config for the demo sizes and the tokenizer's special ids (the ViT frozen, as
-    stage 0 trained it)."""
+    """The yaml's model.model_config for the demo sizes and the tokenizer's special ids (the ViT and the
+    Q-Former frozen as stage 0 trained them: stage 1 trained on base scenes only would otherwise blur the
+    star the queries learned to see, which the LoRA stage needs)."""
     m = dict(MODEL, **(sizes or {}))
     return {
-        "type": "VisualGLMConfig", "batch_size": batch_size, "freeze_vision": True, "freeze_text": False,
+        "type": "VisualGLMConfig", "batch_size": batch_size, "freeze_vision": True, "freeze_qformer": True,
+        "freeze_text": False,
         "max_txt_len": 32, "checkpoint_name_or_path": checkpoint, "dtype": "float32", "compute_dtype": "float32",
         "layernorm_compute_type": "float32", "softmax_compute_type": "float32", "ln_vision_eps": 1.0e-5,
         "vision_config": {"type": "ViTConfig", "image_size": m["image_size"], "patch_size": m["patch_size"],
@@ -266,11 +268,11 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
     app.set_device(stage1["context"]["device_target"])   # GRAPH mode, as the finetune stages run
     model = init_model(load_config(stage1_yaml), seed)
     t_vision = time.time()
-    pixels, targets = vision_data(data, seed, ("train", "lora_train"), image_size)
+    pixels, targets = vision_data(data, seed, ("train", "lora_train", "vision_train"), image_size)
     losses, classifier = pretrain_vision(model, pixels, targets, sv["steps"], sv["batch_size"], sv["learning_rate"],
-                                         sv["weight_decay"], seed)
-    held_pixels, held_targets = vision_data(data, seed, ("heldout", "lora_heldout"), image_size)
-    vision_accuracy = accuracy(classifier, held_pixels, held_targets)
+                                         sv["weight_decay"], seed, sv["warmup_steps"])
+    vision_accuracy = {split: accuracy(classifier, *vision_data(data, seed, (split,), image_size))
+                       for split in ("heldout", "lora_heldout")}
     vision_seconds = time.time() - t_vision
     save_model(model, init_path)
     del pixels, classifier
