@@ -207,6 +207,7 @@ def create_app(service):
         return JSONResponse(_error_body(err.status, err.message, err.kind), status_code=err.status)
 
     async def read_body(request):
+        service.worker.check_room()   # a full queue refuses before the body is read and its image decoded
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > service.max_body_bytes:
             raise HTTPError(413, f"the body has {length} bytes, more than the limit {service.max_body_bytes}",

@@ -287,12 +287,21 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="visualglm-worker", daemon=True)
         self._thread.start()
 
+    def check_room(self):
+        """Raise QueueFull when a job submitted now would be refused: lets a front end refuse before it reads
+        and decodes a request (submit checks again, under the lock)."""
+        with self._lock:
+            self._refuse_if_full()
+
+    def _refuse_if_full(self):
+        if self.waiting >= self.max_queue:
+            self.refused += 1
+            raise QueueFull(f"the server is busy ({self.waiting} requests waiting): retry later")
+
     def submit(self, fn):
         job = Job(fn)
         with self._lock:
-            if self.waiting >= self.max_queue:
-                self.refused += 1
-                raise QueueFull(f"the server is busy ({self.waiting} requests waiting): retry later")
+            self._refuse_if_full()
             self.waiting += 1
         self._jobs.put(job)
         return job
