@@ -130,3 +130,25 @@ def test_training_reproduces_the_shipped_figures(tmp_path):
                 for qtype, cell in row.items():
                     again = summary["evaluation"][model][split]["accuracy"][lang][qtype]["accuracy"]
                     assert abs(again - cell["accuracy"]) <= 0.02, (model, split, lang, qtype)
+
+
+def test_shipped_tokenizer_has_the_chatglm_pieces_and_round_trips_the_demo_text():
+    """Loaded through ChatGLMTokenizer (as ice_text.model is): the control pieces are single tokens whose ids the
+    demo yaml's text_config carries, and every prompt and answer of a few scenes encodes without <unk> and
+    decodes back exactly."""
+    import yaml
+    from visualglm.demo.tokenizer import CONTROL_SYMBOLS
+    from visualglm.tokenization import ChatGLMTokenizer
+    tokenizer = ChatGLMTokenizer(str(WEIGHTS / "demo_tokenizer.model"))
+    ids = {piece: tokenizer.convert_tokens_to_ids(piece) for piece in CONTROL_SYMBOLS}
+    assert len(set(ids.values())) == len(CONTROL_SYMBOLS) and tokenizer.unk_token_id not in ids.values()
+    text = yaml.safe_load((REPO / DEMO_YAML).read_text(encoding="utf-8"))["model"]["model_config"]["text_config"]
+    assert (text["gmask_token_id"], text["mask_token_id"], text["bos_token_id"], text["eos_token_id"]) == \
+        (ids["[gMASK]"], ids["[MASK]"], ids["<sop>"], ids["<eop>"])
+    assert text["vocab_size"] == tokenizer.vocab_size
+    lines = generate_data.corpus_lines(0, {split: 3 for split in generate_data.SPLITS})
+    assert len(lines) == 2 * 8 * 3 * len(generate_data.SPLITS)
+    for line in lines:
+        encoded = tokenizer.encode(line, add_special_tokens=False)
+        assert tokenizer.unk_token_id not in encoded, line
+        assert tokenizer.decode(encoded) == line

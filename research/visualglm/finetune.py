@@ -163,7 +163,7 @@ def _unfreeze(model, config):
     """Full-parameter training: everything trainable except what freeze_vision / freeze_qformer / freeze_text
     freeze."""
     frozen = ((("visual_encoder.",) if config.freeze_vision else ())
-              + (("qformer.", "query_tokens") if getattr(config, "freeze_qformer", False) else ())
+              + (("qformer.", "query_tokens") if config.freeze_qformer else ())
               + (("llm_model.",) if config.freeze_text else ()))
     for param in model.get_parameters():
         param.requires_grad = not param.name.startswith(frozen) and not param.name.endswith(("key_past", "value_past"))

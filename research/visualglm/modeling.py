@@ -58,7 +58,7 @@ class VisualGLMModel(nn.Cell):
         if config.freeze_text:
             for param in self.llm_model.get_parameters():
                 param.requires_grad = False
-        if getattr(config, "freeze_qformer", False):
+        if config.freeze_qformer:
             self.query_tokens.requires_grad = False
             for param in self.qformer.get_parameters():
                 param.requires_grad = False

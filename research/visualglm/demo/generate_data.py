@@ -1,8 +1,8 @@
 """Synthetic shape scenes with bilingual questions and answers, for training and checking the demo model.
 
-Each scene holds one kind of shape (circle, square, triangle; the star only in the LoRA splits) in one colour,
-one to three copies of random size, position and rotation, on a light plain or gradient background, sometimes
-outlined, with a little pixel noise. Every image gets eight question/answer pairs: a
+Each scene holds one kind of shape (circle, square, triangle; the star only in the LoRA splits and vision_train)
+in one colour, one to three copies of random size, position and rotation, on a light plain or gradient
+background, sometimes outlined, with a little pixel noise. Every image gets eight question/answer pairs: a
 description, the colour of a shape, the shape of a colour and a count, each in Chinese and in English, e.g.
 
     描述这张图片。              -> 图中有两个绿色的三角形。

@@ -259,7 +259,7 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
                                  chinese_words())
     vocab = ChatGLMTokenizer(vocab_path)
 
-    # stage 0: a fresh model; its vision tower pretrained as an image classifier
+    # stage 0: a fresh model; its vision side (ViT, ln_vision, Q-Former) pretrained as an image classifier
     train_set, s1_samples = first_entries(os.path.join(data, "train", "dataset.json"), s1["samples"], "stage1.json")
     s1["steps"], s1["num_iters"] = schedule_for(s1, s1_samples)
     init_path = os.path.join(out, "init.ckpt")
@@ -279,16 +279,15 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
     print(f"stage 0: {sv['steps']} steps in {vision_seconds:.0f} s, loss {np.mean(losses[:50]):.3f} -> "
           f"{np.mean(losses[-50:]):.4f}, held-out accuracy {vision_accuracy}", flush=True)
 
-    # stage 1: full-parameter training (ViT frozen) on the base questions
+    # stage 1: full-parameter training (ViT and Q-Former frozen) on the base questions
     result1 = run_stage(stage1_yaml, train_set, os.path.join(out, "stage1"), seed, s1["batch_size"], s1["num_iters"])
     base_path = save_model(result1["model"], os.path.join(out, "visualglm_demo.ckpt"))
     print(f"stage 1: {result1['steps']} steps in {result1['seconds']:.0f} s, loss "
           f"{np.mean(result1['losses'][:20]):.3f} -> {np.mean(result1['losses'][-50:]):.4f}", flush=True)
+    base_yaml = write_yaml(os.path.join(out, "run_visualglm_demo.yaml"),
+                           inference_yaml(vocab, vocab_path, base_path, sizes=sizes))
 
     if stage1_only:   # experiments: the base model on the held-out split only
-        from visualglm.demo import evaluate as evaluation
-        base_yaml = write_yaml(os.path.join(out, "run_visualglm_demo.yaml"),
-                               inference_yaml(vocab, vocab_path, base_path, sizes=sizes))
         engine, _ = evaluation.build_engine(base_yaml, None, eval_batch_size)
         result = evaluation.evaluate_split(engine, os.path.join(data, "heldout"), eval_batch_size)
         print(f"base on heldout: {evaluation.format_row(result['accuracy'])} ({result['seconds']:.0f} s)")
@@ -306,8 +305,6 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
     print(f"stage 2: {result2['steps']} steps in {result2['seconds']:.0f} s, loss "
           f"{np.mean(result2['losses'][:20]):.3f} -> {np.mean(result2['losses'][-50:]):.4f}", flush=True)
 
-    base_yaml = write_yaml(os.path.join(out, "run_visualglm_demo.yaml"),
-                           inference_yaml(vocab, vocab_path, base_path, sizes=sizes))
     lora_yaml = write_yaml(os.path.join(out, "run_visualglm_demo_lora.yaml"),
                            inference_yaml(vocab, vocab_path, base_path, lora=s2, sizes=sizes))
     summary = {
