@@ -8,8 +8,9 @@ then runs `--clients` threads for `--seconds`, each sending greedy requests in a
 OpenAI route (non-streaming and streaming, data-URL image) and upstream's POST /. Every answer must equal
 the reference; 503 (full queue) counts as a refusal, after which that client waits `--backoff` seconds.
 Prints requests/s (answered), p50/p95/max latency of answered requests, refusals, other failures, the
-server's RSS before and after (and sampled during) the run, and its /health afterwards. Exit code 1 when
-any request failed otherwise, the server is unhealthy, or RSS grew more than `--max_rss_growth_mb`.
+server's RSS before and after (and sampled every 2 s during) the run, its growth over the run's second
+half, and the server's /health afterwards. Exit code 1 when any request failed otherwise, the server is
+unhealthy, or RSS grew more than `--max_rss_growth_mb`.
 """
 import argparse
 import base64
@@ -110,7 +111,7 @@ def main():
     parser.add_argument("--max_tokens", type=int, default=16, help="answer tokens per request")
     parser.add_argument("--max_queue", type=int, default=4, help="the server's --max_queue")
     parser.add_argument("--backoff", type=float, default=0.2, help="a refused client waits this long")
-    parser.add_argument("--max_rss_growth_mb", type=float, default=50)
+    parser.add_argument("--max_rss_growth_mb", type=float, default=10)
     args = parser.parse_args()
 
     folder = tempfile.mkdtemp(prefix="bench_api_")
@@ -202,8 +203,9 @@ def main():
               f"failed {len(errors)}")
         print(f"latency of answered requests: p50 {percentile(latencies, 50) * 1000:.0f} ms, "
               f"p95 {percentile(latencies, 95) * 1000:.0f} ms, max {max(latencies or [0]) * 1000:.0f} ms")
-        print(f"server RSS: before {rss_before:.1f} MiB, after {rss_after:.1f} MiB ({growth:+.1f} MiB); sampled "
-              + ", ".join(f"{s:.0f}" for s in samples))
+        second_half = rss_after - samples[len(samples) // 2] if samples else float("nan")
+        print(f"server RSS: before {rss_before:.1f} MiB, after {rss_after:.1f} MiB ({growth:+.1f} MiB; "
+              f"{second_half:+.1f} MiB over the second half); sampled " + ", ".join(f"{s:.0f}" for s in samples))
         print(f"health after the run: {json.dumps(health)}")
         for error in errors[:5]:
             print("failure:", error)

@@ -316,3 +316,54 @@ def test_worker_refuses_when_its_queue_is_full_before_and_at_submit():
         time.sleep(0.01)
     assert worker.status() == dict(waiting=0, running=False, max_queue=1, served=2, refused=2)
     worker.check_room()
+
+
+class _ScriptedEngine:
+    """Just what api.Service uses of VisualGLMChat: a prompt of fixed length and answer ids that count up
+    (or an error after the first step), so the test sees the serving code alone."""
+
+    def __init__(self, fail):
+        from types import SimpleNamespace
+        self.fail = fail
+        self.model = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(seq_length=64)))
+        self.processor = SimpleNamespace(build_input_ids=lambda query, history, english, with_image: ([0] * 8, 1),
+                                         decode_response=lambda ids, english: "".join(chr(0x4e00 + i) for i in ids))
+
+    def stream_ids(self, samples, english=False, **kwargs):
+        for step in range(kwargs["max_new_tokens"]):
+            if self.fail and step:
+                raise RuntimeError("scripted failure")
+            yield [list(range(step + 1))]
+
+
+@pytest.mark.parametrize("fail", [False, True], ids=["answered", "failed"])
+def test_a_finished_request_frees_its_image_without_the_cycle_collector(monkeypatch, fail):
+    """With the cyclic garbage collector off, a request's image is freed by reference counting once the
+    request is over, answered or failed. (A cycle job -> future -> result -> job held every image until
+    a full collection: under load the server's memory grew with the requests served.)"""
+    import gc
+    import weakref
+    from visualglm import api
+    images = []
+    open_image = serving.open_image
+    monkeypatch.setattr(serving, "open_image", lambda data, limit: images.append(open_image(data, limit))
+                        or images[-1])
+    service = api.Service(_ScriptedEngine(fail), dict(serving.UPSTREAM_DEFAULTS), max_queue=1)
+    gc.collect()
+    gc.disable()
+    try:
+        job = service.upstream_job({"image": b64(), "text": QUERY, "temperature": 0, "max_new_tokens": 3})
+        image = weakref.ref(images.pop())
+        if fail:
+            with pytest.raises(RuntimeError, match="scripted failure"):
+                job.future.result(10)
+        else:
+            assert job.future.result(10).answer == "一丁丂"
+        del job
+        for _ in range(200):   # the worker lets go of its job right after handing over the result
+            if image() is None:
+                break
+            time.sleep(0.01)
+        assert image() is None, gc.get_referrers(image())
+    finally:
+        gc.enable()

@@ -147,7 +147,7 @@ class Service:
         engine = self.engine
 
         def run(job):
-            stream = serving.TextStream(engine, query, image, history, english, cancelled=lambda: job.cancelled,
+            stream = serving.TextStream(engine, query, image, history, english, cancelled=job.is_cancelled,
                                         **kwargs)
             for delta in stream:
                 job.events.put(delta)

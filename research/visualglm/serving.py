@@ -14,6 +14,7 @@ import os
 import queue
 import re
 import threading
+import traceback
 from concurrent.futures import Future
 
 from visualglm import app
@@ -254,7 +255,7 @@ def image_source(text):
 
 # ----------------------------------------------------------------------------------------------- worker
 class Job:
-    """A unit of work for the worker: fn(cancelled) runs on the worker thread; its result or exception ends
+    """A unit of work for the worker: fn(job) runs on the worker thread; its result or exception ends
     in .future. Streaming work puts items on .events (None ends the stream)."""
 
     def __init__(self, fn):
@@ -262,13 +263,12 @@ class Job:
         self.future = Future()
         self.events = queue.Queue()
         self._cancel = threading.Event()
+        # What the job's result keeps (TextStream.cancelled) must not point back at the job: a cycle
+        # job -> future -> result -> job would keep the request's image until a full garbage collection.
+        self.is_cancelled = self._cancel.is_set
 
     def cancel(self):
         self._cancel.set()
-
-    @property
-    def cancelled(self):
-        return self._cancel.is_set()
 
 
 class Worker:
@@ -313,16 +313,20 @@ class Worker:
                 self.waiting -= 1
                 self.running = True
             try:
-                if job.cancelled:
+                if job.is_cancelled():
                     raise RuntimeError("cancelled before it started")
                 job.future.set_result(job.fn(job))
             except BaseException as err:  # noqa: BLE001 - handed to the request that owns the job
+                # The finished frames of the traceback hold the job: clear them, or the exception kept in
+                # job.future would close a reference cycle (the line numbers stay for the error message).
+                traceback.clear_frames(err.__traceback__)
                 job.future.set_exception(err)
             finally:
                 job.events.put(None)
                 with self._lock:
                     self.running = False
                     self.served += 1
+            job = None   # free this request's image now, not when the next job arrives
 
     def status(self):
         with self._lock:
