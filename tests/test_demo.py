@@ -152,3 +152,31 @@ def test_shipped_tokenizer_has_the_chatglm_pieces_and_round_trips_the_demo_text(
         encoded = tokenizer.encode(line, add_special_tokens=False)
         assert tokenizer.unk_token_id not in encoded, line
         assert tokenizer.decode(encoded) == line
+
+
+def test_stage0_trains_the_vision_side_only_and_keeps_the_parameter_names():
+    """pretrain_vision reads the model through VisualGLMModel.query_outputs: a few steps change every
+    parameter of the ViT, ln_vision, the Q-Former and the query tokens, and leave llm_proj and the GLM
+    bit for bit as they were, every parameter under its own name (the classifier adds no prefix)."""
+    import numpy as np
+    from conftest import tiny_config
+    from visualglm import app
+    from visualglm.demo import pretrain_vision as stage0
+    from visualglm.modeling import build_model
+    app.set_device("CPU")
+    model = build_model(tiny_config())
+    before = {p.name: p.asnumpy().copy() for p in model.get_parameters()}
+    size = model.config.vision_config.image_size
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(8, 3, size, size)).astype(np.float32)
+    targets = np.stack([rng.integers(0, len(classes), 8) for _, classes in stage0.HEADS], -1).astype(np.int32)
+    losses, classifier = stage0.pretrain_vision(model, pixels, targets, steps=3, batch_size=4, learning_rate=1e-2,
+                                                weight_decay=0.01, seed=0, log_steps=3)
+    after = {p.name: p.asnumpy() for p in model.get_parameters()}
+    assert list(after) == list(before) and len(losses) == 3 and np.isfinite(losses).all()
+    vision = [name for name in before if name.startswith(stage0.VISION_PARAMETERS)]
+    assert vision and all(not np.array_equal(before[name], after[name]) for name in vision)
+    rest = [name for name in before if name not in vision]
+    assert any(name.startswith("llm_proj.") for name in rest) and any(name.startswith("llm_model.") for name in rest)
+    assert all(np.array_equal(before[name], after[name]) for name in rest)
+    assert sorted(p.name for p in classifier.head.get_parameters()) == ["head.bias", "head.weight"]

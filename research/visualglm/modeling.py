@@ -64,11 +64,16 @@ class VisualGLMModel(nn.Cell):
                 param.requires_grad = False
 
     # ----- graph parts -----
-    def _encode_image(self, pixel_values):
+    def query_outputs(self, pixel_values):
+        """pixel_values [B, 3, H, W] -> the Q-Former's query outputs [B, queries, Q-Former hidden]: what
+        llm_proj maps into the GLM (and what the demo's stage-0 classifier reads)."""
         image = self.ln_vision(self.visual_encoder(pixel_values))
         queries = ops.broadcast_to(self.query_tokens.astype(self.residual_dtype),
                                    (image.shape[0],) + self.query_tokens.shape[1:])
-        return self.llm_proj(self.qformer(queries, image)).astype(self.residual_dtype)
+        return self.qformer(queries, image)
+
+    def _encode_image(self, pixel_values):
+        return self.llm_proj(self.query_outputs(pixel_values)).astype(self.residual_dtype)
 
     @ms.jit
     def encode_image(self, pixel_values):

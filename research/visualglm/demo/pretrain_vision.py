@@ -24,6 +24,7 @@ HEADS = (("shape", list(SHAPES)), ("colour", list(COLOURS)), ("count", list(rang
 # each head's (start, end) columns of the classifier's logits
 _ENDS = np.cumsum([len(classes) for _, classes in HEADS]).tolist()
 HEAD_COLUMNS = tuple(zip([0] + _ENDS[:-1], _ENDS))
+VISION_PARAMETERS = ("visual_encoder.", "ln_vision.", "qformer.", "query_tokens")
 
 
 def scene_targets(scene):
@@ -34,10 +35,10 @@ def scene_targets(scene):
 
 
 def _classifier(model, seed):
-    """The model's vision side (ViT, ln_vision, Q-Former with its query tokens) and a linear head on the mean
-    of the query outputs; the head drawn with numpy from seed."""
+    """The model's vision side (ViT, ln_vision, Q-Former with its query tokens; `VisualGLMModel.query_outputs`)
+    and a linear head on the mean of the query outputs; the head drawn with numpy from seed."""
     import mindspore as ms
-    from mindspore import nn, ops
+    from mindspore import nn
 
     hidden = model.query_tokens.shape[-1]
     outputs = HEAD_COLUMNS[-1][1]
@@ -45,20 +46,16 @@ def _classifier(model, seed):
 
     class VisionClassifier(nn.Cell):
         def __init__(self):
-            super().__init__()
-            self.visual_encoder = model.visual_encoder
-            self.ln_vision = model.ln_vision
-            self.qformer = model.qformer
-            self.query_tokens = model.query_tokens
+            super().__init__(auto_prefix=False)   # the model's parameters keep their names (no "model." prefix)
+            self.model = model
             self.head = nn.Dense(hidden, outputs,
                                  weight_init=ms.Tensor(rng.normal(0, hidden ** -0.5, (outputs, hidden)), ms.float32),
                                  bias_init="zeros")
+            self.head.update_parameters_name("head.")
             self.ce = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
 
         def logits(self, pixels):
-            image = self.ln_vision(self.visual_encoder(pixels))
-            queries = ops.broadcast_to(self.query_tokens, (image.shape[0],) + self.query_tokens.shape[1:])
-            return self.head(self.qformer(queries, image).mean(1))
+            return self.head(self.model.query_outputs(pixels).mean(1))
 
         def construct(self, pixels, targets):
             logits = self.logits(pixels)
@@ -81,7 +78,8 @@ def pretrain_vision(model, pixels, targets, steps, batch_size, learning_rate, we
     from visualglm.lr_schedule import AnnealingLR
 
     net = _classifier(model, seed)
-    params = [p for p in net.get_parameters() if not p.name.endswith(("key_past", "value_past"))]
+    # what query_outputs reads, and the head: the GLM and llm_proj are not stage 0's to train
+    params = [p for p in model.get_parameters() if p.name.startswith(VISION_PARAMETERS)] + list(net.head.get_parameters())
     for p in params:
         p.requires_grad = True
     schedule = AnnealingLR(learning_rate, warmup_steps, max(1, steps - warmup_steps), auto_warmup_steps=0)
