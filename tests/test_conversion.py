@@ -104,7 +104,7 @@ def _files_in(folder):
 
 def _expected(sat):
     """{part: {mindspore name: array}} from a SAT state dict {name: numpy array}, by spec §14."""
-    vit, qf, glm = "mixins.eva.model.vit.", "mixins.eva.model.qformer.transformer.", ""
+    vit, qf = "mixins.eva.model.vit.", "mixins.eva.model.qformer.transformer."
     out = {"vit": {}, "qformer": {}, "glm": {}}
 
     def put(part, name, array):

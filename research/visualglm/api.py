@@ -15,7 +15,6 @@ One model serves one request at a time behind a queue of --max_queue waiting req
 with 503 at once. Bodies over --max_body_bytes and images over --max_image_pixels: 413. Malformed JSON,
 images or parameters: 400 with a message.
 """
-import argparse
 import asyncio
 import json
 import time
@@ -326,11 +325,7 @@ def create_app(service):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    serving.add_chat_args(parser)
-    group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s: this machine only)")
-    group.add_argument("--port", type=int, default=8080, help="default %(default)s")
+    parser, group = serving.server_parser(__doc__)
     group.add_argument("--max_queue", type=int, default=4,
                        help="requests that may wait besides the running one; more get 503 (default %(default)s)")
     group.add_argument("--max_body_bytes", type=int, default=20 << 20, help="larger bodies get 413 (default 20 MiB)")

@@ -376,6 +376,16 @@ def check_lengths(samples, processor, config, generation, english=False):
                                        "--max_new_tokens")
 
 
+def prepare(args):
+    """What the generate scripts do first: print the parsed arguments (as upstream's scripts do), check them,
+    collect the samples (every image checked before the model is built), build the components.
+    Returns (samples, components)."""
+    print(args, flush=True)
+    check_arguments(args)
+    samples = collect_samples(args)
+    return samples, build_components(args, samples)
+
+
 def build_components(args, samples=()):
     """Check the arguments (and that the samples' prompts fit), set the device, build tokenizer,
     processors and the model."""

@@ -1,4 +1,5 @@
 """Argument handling and start-up shared by every script."""
+import argparse
 import sys
 
 from visualglm.errors import UserError
@@ -102,3 +103,13 @@ def add_input_args(parser, stream=True):
         group.add_argument("--stream", type=optional_bool, nargs="?", const=True, default=False,
                            help="print each answer as it is generated (inputs one at a time), then the Response line")
     return group
+
+
+def generate_parser(doc, default_config, stream=True):
+    """The generate scripts' parser (run_visualglm*.py): model, generation and input arguments; the
+    description is the first line of the script's docstring."""
+    parser = argparse.ArgumentParser(description=doc.split("\n", 1)[0])
+    add_model_args(parser, default_config)
+    add_generation_args(parser)
+    add_input_args(parser, stream=stream)
+    return parser

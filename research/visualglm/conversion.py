@@ -7,7 +7,7 @@ naming the keys; nothing is written unless every part converts.
 import os
 import pickle
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import numpy as np
 

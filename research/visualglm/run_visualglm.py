@@ -8,26 +8,17 @@
 Prints the parsed arguments, then one line `Response: ['answer 1', 'answer 2']` (the Python repr of the list of
 answers, in input order); with --stream each answer is printed as it is generated before that line.
 """
-import argparse
-
 from visualglm import app
-from visualglm.cli import add_generation_args, add_input_args, add_model_args, run_main
+from visualglm.cli import generate_parser, run_main
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    add_model_args(parser, app.DEFAULT_CONFIG)
-    add_generation_args(parser)
-    add_input_args(parser, stream=True)
-    return parser.parse_args(argv)
+    return generate_parser(__doc__, app.DEFAULT_CONFIG, stream=True).parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    print(args, flush=True)
-    app.check_arguments(args)
-    samples = app.collect_samples(args)           # every image checked before the model is built
-    components = app.build_components(args, samples)
+    samples, components = app.prepare(args)
     return app.run_generation(app.build_engine(components, args), samples, args)
 
 

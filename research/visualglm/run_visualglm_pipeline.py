@@ -7,30 +7,21 @@
 Same arguments as run_visualglm.py (without --stream). Prints the parsed arguments, logs `batch_size is {n}`,
 then prints `Response: ['answer 1', 'answer 2']`.
 """
-import argparse
-
 from mindformers import pipeline
 from mindformers.tools.logger import logger
 
 from visualglm import app
-from visualglm.cli import add_generation_args, add_input_args, add_model_args, run_main
+from visualglm.cli import generate_parser, run_main
 from visualglm.pipeline import TASK
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    add_model_args(parser, app.DEFAULT_CONFIG)
-    add_generation_args(parser)
-    add_input_args(parser, stream=False)
-    return parser.parse_args(argv)
+    return generate_parser(__doc__, app.DEFAULT_CONFIG, stream=False).parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    print(args, flush=True)
-    app.check_arguments(args)
-    samples = app.collect_samples(args)
-    parts = app.build_components(args, samples)
+    samples, parts = app.prepare(args)
     generation = {k: v for k, v in vars(parts.generation).items() if k != "banned_token_ranges"}
     pipe = pipeline(task=TASK, model=parts.model, image_processor=parts.image_processor,
                     tokenizer=parts.tokenizer, batch_size=args.batch_size, use_past=args.use_past,

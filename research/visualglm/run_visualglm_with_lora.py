@@ -8,11 +8,10 @@ LoRA layers, rank and alpha come from the yaml's model.model_config.pet_config. 
 folded into the base weights and saved as one plain checkpoint (load it with run_visualglm.py --checkpoint).
 Prints the arguments, then `Response: [...]` as run_visualglm.py does.
 """
-import argparse
 import os
 
 from visualglm import app
-from visualglm.cli import add_generation_args, add_input_args, add_model_args, run_main
+from visualglm.cli import generate_parser, run_main
 from visualglm.errors import UserError
 
 DEFAULT_CONFIG = os.path.join(app.PACKAGE_DIR, "run_visualglm_lora.yaml")
@@ -20,14 +19,11 @@ DEFAULT_IMAGE, DEFAULT_PROMPT = "finetune/sea.png", "这张图片的背景里有
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser = generate_parser(__doc__, DEFAULT_CONFIG, stream=True)
     parser.add_argument("--lora_checkpoint", required=True,
                         help="LoRA weights: output/checkpoint_trainable/rank_0/visualglm_rank_0-trainable_params.ckpt")
     parser.add_argument("--merge_output", default=None,
                         help="also save the base model with the LoRA merged into its weights to this file")
-    add_model_args(parser, DEFAULT_CONFIG)
-    add_generation_args(parser)
-    add_input_args(parser, stream=True)
     args = parser.parse_args(argv)
     if not args.input_file and not args.image_path:
         args.image_path = [DEFAULT_IMAGE]
@@ -39,13 +35,10 @@ def main(argv=None):
     from visualglm.finetune import lora_settings
     from visualglm.lora import apply_lora, load_lora, save_merged_checkpoint
     args = parse_args(argv)
-    print(args, flush=True)
-    app.check_arguments(args)
     lora_path = app.resolve_path(args.lora_checkpoint, app.REPO_ROOT)
-    if lora_path is None or not os.path.isfile(lora_path):
+    if lora_path is None or not os.path.isfile(lora_path):   # before the model is built
         raise UserError(f"LoRA checkpoint not found: {args.lora_checkpoint}")
-    samples = app.collect_samples(args)
-    components = app.build_components(args, samples)
+    samples, components = app.prepare(args)
     apply_lora(components.model, **lora_settings(components.settings.yaml))
     load_lora(components.model, lora_path)
     components.model.set_train(False)

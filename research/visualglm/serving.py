@@ -68,6 +68,17 @@ def add_chat_args(parser):
     return parser
 
 
+def server_parser(doc):
+    """A chat server's parser (web_demo.py, api.py): add_chat_args and a "server" group with --host (this
+    machine only unless told) and --port. Returns (parser, the server group)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n", 1)[0])
+    add_chat_args(parser)
+    group = parser.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s: this machine only)")
+    group.add_argument("--port", type=int, default=8080, help="default %(default)s")
+    return parser, group
+
+
 def generation_defaults(args):
     return dict(max_length=args.max_length, max_new_tokens=args.max_new_tokens, top_p=args.top_p,
                 top_k=args.top_k, temperature=args.temperature, do_sample=args.do_sample,

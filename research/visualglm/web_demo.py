@@ -8,7 +8,6 @@ clearing an image starts a new conversation. The language of a question is detec
 The sliders start at --temperature / --top_p / --max_length (upstream: 0.8, 0.4, 2048); temperature 0
 gives greedy answers; max length is capped at the model's seq_length.
 """
-import argparse
 import os
 import threading
 
@@ -27,11 +26,7 @@ TITLE = "VisualGLM-6B (MindSpore)"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    serving.add_chat_args(parser)
-    group = parser.add_argument_group("server")
-    group.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s: this machine only)")
-    group.add_argument("--port", type=int, default=8080, help="default %(default)s")
+    parser, group = serving.server_parser(__doc__)
     group.add_argument("--share", action="store_true", help="a public Gradio share link (needs the internet)")
     return parser.parse_args(argv)
 
