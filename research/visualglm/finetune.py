@@ -162,9 +162,8 @@ def run_finetune(args):
 def _unfreeze(model, config):
     """Full-parameter training: everything trainable except what freeze_vision / freeze_qformer / freeze_text
     freeze."""
-    frozen = ((("visual_encoder.",) if config.freeze_vision else ())
-              + (("qformer.", "query_tokens") if config.freeze_qformer else ())
-              + (("llm_model.",) if config.freeze_text else ()))
+    from visualglm.modeling import frozen_prefixes
+    frozen = frozen_prefixes(config)
     for param in model.get_parameters():
         param.requires_grad = not param.name.startswith(frozen) and not param.name.endswith(("key_past", "value_past"))
 

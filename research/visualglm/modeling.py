@@ -32,6 +32,16 @@ def splice_image_embeds(text_embeds, image_embeds, image_start):
     return ops.where(inside, placed.astype(text_embeds.dtype), text_embeds)
 
 
+# The parameter-name prefixes of the part each freeze flag of VisualGLMConfig keeps out of training.
+FREEZE_PREFIXES = (("freeze_vision", ("visual_encoder.",)), ("freeze_qformer", ("qformer.", "query_tokens")),
+                   ("freeze_text", ("llm_model.",)))
+
+
+def frozen_prefixes(config):
+    """The parameter-name prefixes config's freeze flags freeze (an empty tuple: none)."""
+    return tuple(prefix for flag, prefixes in FREEZE_PREFIXES if getattr(config, flag) for prefix in prefixes)
+
+
 @MindFormerRegister.register(MindFormerModuleType.MODELS, search_names="VisualGLMImageToTextGeneration")
 class VisualGLMModel(nn.Cell):
     """VisualGLM-6B. `construct` computes logits from token ids, positions and mask, with an optional
@@ -52,15 +62,9 @@ class VisualGLMModel(nn.Cell):
                                compute_dtype=to_ms_dtype(config.compute_dtype))
         self.llm_model = GLMForCausalLM(tc)
         self.residual_dtype = to_ms_dtype(config.layernorm_compute_type)
-        if config.freeze_vision:
-            for param in self.visual_encoder.get_parameters():
-                param.requires_grad = False
-        if config.freeze_text:
-            for param in self.llm_model.get_parameters():
-                param.requires_grad = False
-        if config.freeze_qformer:
-            self.query_tokens.requires_grad = False
-            for param in self.qformer.get_parameters():
+        frozen = frozen_prefixes(config)
+        for param in self.get_parameters():
+            if param.name.startswith(frozen):
                 param.requires_grad = False
 
     # ----- graph parts -----
