@@ -262,10 +262,10 @@ def load_settings(args):
 
 def is_whole_model(path):
     """Whether a checkpoint holds ViT and GLM parameters too (names only: nothing is kept in memory)."""
-    import mindspore as ms
+    from visualglm.modeling import read_checkpoint
     names = []
     try:
-        ms.load_checkpoint(path, choice_func=lambda name: names.append(name) and False)
+        read_checkpoint(path, choice_func=lambda name: names.append(name) and False)
     except (ValueError, RuntimeError, OSError) as err:
         if not names:   # with names seen, this is MindSpore refusing to return an empty dict
             raise UserError(f"cannot read the checkpoint {path}: {_first_line(err)}") from None
@@ -340,6 +340,7 @@ def build_network(settings):
 def generation_config(args, settings):
     from visualglm.generation import GenerationConfig
     return GenerationConfig(max_new_tokens=args.max_new_tokens, max_length=args.max_length,
+                            min_new_tokens=getattr(args, "min_new_tokens", 0),
                             do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                             seed=None if settings is None else settings.seed).check()
@@ -369,6 +370,10 @@ def check_lengths(samples, processor, config, generation, english=False):
         if len(ids) >= limit:
             raise SequenceTooLongError(f"prompt {sample.id} has {len(ids)} tokens and leaves no room to generate "
                                        f"within {limit} tokens (seq_length {seq_length}): raise --seq_length")
+        if len(ids) + generation.min_new_tokens > limit:
+            raise SequenceTooLongError(f"prompt {sample.id} of {len(ids)} tokens + min_new_tokens "
+                                       f"{generation.min_new_tokens} exceeds {limit} tokens (seq_length {seq_length}): "
+                                       "raise --seq_length or lower --min_new_tokens")
         if generation.max_new_tokens is not None and len(ids) + generation.max_new_tokens > limit:
             what = f"max_length {limit}" if generation.max_length else f"the model's seq_length {seq_length}"
             raise SequenceTooLongError(f"prompt {sample.id} of {len(ids)} tokens + max_new_tokens "

@@ -79,6 +79,9 @@ def add_generation_args(parser):
                        help="prompt + answer tokens at most (default: seq_length); never silently capped")
     group.add_argument("--max_new_tokens", type=int, default=None,
                        help="answer tokens at most (default: up to seq_length)")
+    group.add_argument("--min_new_tokens", type=int, default=0,
+                       help="answer tokens at least: the end token is banned before (default 0; benchmarks use "
+                            "it to decode an exact number of tokens)")
     group.add_argument("--seed", type=int, default=None, help="sampling seed (default: the yaml's seed)")
     group.add_argument("--english", type=optional_bool, nargs="?", const=True, default=False,
                        help="English prompt template (Q:/A:) and, with the real vocabulary, no CJK tokens")

@@ -140,11 +140,13 @@ class GenerationConfig:
     """How to pick tokens and when to stop.
 
     max_new_tokens / max_length (prompt + answer) bound the answer; None means "up to the model's
-    seq_length". Sampling follows SAT's BaseStrategy (spec §13.3): logits are divided by
+    seq_length". min_new_tokens bans the end token until that many tokens are generated (benchmarks use it
+    to decode an exact number of tokens). Sampling follows SAT's BaseStrategy (spec §13.3): logits are divided by
     temperature × (repetition_penalty for every id generated so far), banned ids are set to -65504,
     then top-k and top-p filtering, softmax and a multinomial draw."""
     max_new_tokens: Optional[int] = None
     max_length: Optional[int] = None
+    min_new_tokens: int = 0
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -166,6 +168,10 @@ class GenerationConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"{name} must be >= 1, got {value}")
+        if self.min_new_tokens < 0:
+            raise UserError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise UserError(f"min_new_tokens {self.min_new_tokens} exceeds max_new_tokens {self.max_new_tokens}")
         return self
 
 
@@ -219,11 +225,17 @@ def stream_tokens(decoder, config, eos_token_id, return_logits=False):
         budget = min(budget, config.max_new_tokens)
     if budget < 1:
         raise SequenceTooLongError(f"prompt of {longest} tokens leaves no room within max_length {config.max_length}")
+    if config.min_new_tokens > budget:
+        raise SequenceTooLongError(f"min_new_tokens {config.min_new_tokens} exceeds the {budget} tokens the prompt of "
+                                   f"{longest} tokens leaves within the length limit")
     rng = np.random.default_rng(config.seed)
     generated = [[] for _ in range(decoder.batch)]
     done = np.zeros(decoder.batch, bool)
     logits = decoder.start()
     for step in range(budget):
+        if step < config.min_new_tokens:
+            logits = logits.copy()
+            logits[:, eos_token_id] = -np.inf   # no end before min_new_tokens
         tokens = []
         for b in range(decoder.batch):
             if done[b]:

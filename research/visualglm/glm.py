@@ -4,8 +4,10 @@
 Masks are boolean with True = may attend (SAT's convention). Positions are `[B, 2, S]`: row 0 the
 position ids, row 1 the block position ids (§7.4).
 
-The KV cache (`key_past`/`value_past` per layer, `[batch_size, heads, seq_length, head_dim]`) is written
-with a one-hot blend at `cache_index`, so prefill and every decode step keep static shapes in GRAPH mode.
+The KV cache (`key_past`/`value_past` per layer) holds `[batch_size, heads, seq_length, head_dim]` flattened to
+`[batch_size · heads · seq_length, head_dim]`, so that writing a step's keys and values is one in-place
+`ScatterUpdate` on the first axis: O(1) per token, whatever the cache length, with the static shapes GRAPH
+mode needs. Attention reads the cache back as `[batch_size, heads, seq_length, head_dim]`.
 """
 import numpy as np
 import mindspore as ms
@@ -94,18 +96,14 @@ class GLMAttention(nn.Cell):
 
 
 def _write_cache(cache, new, cache_index):
-    """Write new [B, heads, S, d] into cache [B, heads, L, d] at columns cache_index[b] … + S - 1 with a
-    one-hot blend (static shapes), assign it, and return the updated cache."""
-    b, _, s, _ = new.shape
-    length = cache.shape[2]
-    targets = cache_index.reshape(b, 1) + ops.arange(s, dtype=ms.int32).reshape(1, s)
-    onehot = (ops.arange(length, dtype=ms.int32).reshape(1, 1, length) == targets.reshape(b, s, 1))
-    onehot = onehot.astype(new.dtype)                                           # [B, S, L]
-    written = onehot.sum(axis=1).reshape(b, 1, length, 1)
-    scattered = ops.matmul(onehot.transpose(0, 2, 1).reshape(b, 1, length, s), new)   # [B, heads, L, d]
-    updated = cache * (1 - written) + scattered
-    ops.assign(cache, updated)
-    return updated
+    """Write new [B, heads, S, d] into the flat cache [B·heads·L, d] at positions cache_index[b] … + S - 1 of
+    each (sample, head) row, in place, and return the cache viewed as [B, heads, L, d]."""
+    b, heads, s, d = new.shape
+    length = cache.shape[0] // (b * heads)
+    rows = ops.arange(b * heads, dtype=ms.int32).reshape(b, heads, 1) * length
+    columns = cache_index.astype(ms.int32).reshape(b, 1, 1) + ops.arange(s, dtype=ms.int32).reshape(1, 1, s)
+    updated = ops.scatter_update(cache, (rows + columns).reshape(-1), new.reshape(b * heads * s, d))
+    return updated.reshape(b, heads, length, d)
 
 
 class GLMMLP(nn.Cell):
@@ -133,7 +131,7 @@ class GLMBlock(nn.Cell):
         self.alpha = config.residual_alpha
         self.use_past = config.use_past
         if self.use_past:
-            shape = (config.batch_size, config.num_heads, config.seq_length, config.head_dim)
+            shape = (config.batch_size * config.num_heads * config.seq_length, config.head_dim)
             dtype = to_ms_dtype(config.compute_dtype)
             self.key_past = Parameter(initializer("zeros", shape, dtype), name="key_past", requires_grad=False)
             self.value_past = Parameter(initializer("zeros", shape, dtype), name="value_past", requires_grad=False)

@@ -184,10 +184,20 @@ class CheckpointMismatchError(UserError):
     """A checkpoint that does not fit the model's parameters (names or shapes)."""
 
 
+def read_checkpoint(path, choice_func=None):
+    """{name: Parameter} of a MindSpore checkpoint: `.safetensors` files are memory-mapped (the arrays are
+    views of the file, so loading them costs no second copy), `.ckpt` files are read whole."""
+    if str(path).endswith(".safetensors"):
+        return ms.load_checkpoint(path, choice_func=choice_func, format="safetensors")
+    return ms.load_checkpoint(path, choice_func=choice_func)
+
+
 def load_weights(model, *, vit=None, qformer=None, glm=None, strict=True):
     """Load the converted ViT, Q-Former (with ln_vision, query_tokens, llm_proj) and GLM checkpoints
     (spec §14.6). GLM names carry no `llm_model.` prefix in the file; the Q-Former slot also takes a
-    whole-model checkpoint (full names, as MindFormers loads it over the whole model). Every tensor's shape is checked;
+    whole-model checkpoint (full names, as MindFormers loads it over the whole model). Files are `.ckpt` or
+    MindSpore `.safetensors` (memory-mapped: build the model with delay_init so that its parameters become
+    views of the files and no weight is held twice). Every tensor's shape is checked;
     with `strict`, model parameters no file provides are an error. Returns the loaded names."""
     params = {p.name: p for p in model.get_parameters()}
     loaded = {}
@@ -196,7 +206,7 @@ def load_weights(model, *, vit=None, qformer=None, glm=None, strict=True):
             continue
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        for name, value in ms.load_checkpoint(path).items():
+        for name, value in read_checkpoint(path).items():
             if name.endswith(_IGNORED_CHECKPOINT_SUFFIXES) or _is_cache(name):
                 continue
             if part is not None and not name.startswith(part):
@@ -214,5 +224,7 @@ def load_weights(model, *, vit=None, qformer=None, glm=None, strict=True):
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointMismatchError(f"{len(missing)} model parameters are in no checkpoint: {shown}")
     for name, value in loaded.items():
-        params[name].set_data(value.astype(params[name].dtype))
+        param = params[name]
+        # Same dtype: the parameter takes the loaded array itself (for .safetensors, the file's mapping).
+        param.set_data(value if value.dtype == param.dtype else value.astype(param.dtype))
     return sorted(loaded)
