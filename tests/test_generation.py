@@ -83,3 +83,54 @@ def test_decoding_past_the_cache_is_refused(tiny_model):
     decoder.step([7])
     with pytest.raises(SequenceTooLongError):
         decoder.step([7])
+
+
+class _ScriptedDecoder:
+    """A decoder whose logits always favour eos, then token 7: shows what min_new_tokens changes."""
+
+    def __init__(self, vocab=16, eos=2, prompt_length=5, max_length=40):
+        self.batch, self.max_length, self.eos = 1, max_length, eos
+        self.lengths = np.array([prompt_length], np.int32)
+        self.logits = np.zeros((1, vocab), np.float32)
+        self.logits[0, eos], self.logits[0, 7] = 2.0, 1.0
+
+    def start(self):
+        return self.logits
+
+    def step(self, tokens):
+        return self.logits
+
+
+@pytest.mark.parametrize("min_new_tokens, expected", [(0, [2]), (1, [7, 2]), (4, [7, 7, 7, 7, 2])])
+def test_min_new_tokens_bans_the_end_token_until_reached(min_new_tokens, expected):
+    from visualglm.generation import GenerationConfig, stream_tokens
+    decoder = _ScriptedDecoder()
+    config = GenerationConfig(max_new_tokens=10, min_new_tokens=min_new_tokens)
+    tokens = [step[0] for step in stream_tokens(decoder, config, decoder.eos)]
+    assert tokens == expected
+
+
+def test_min_new_tokens_equal_to_max_decodes_exactly_that_many():
+    from visualglm.generation import GenerationConfig, stream_tokens
+    decoder = _ScriptedDecoder()
+    config = GenerationConfig(max_new_tokens=6, min_new_tokens=6, do_sample=True, seed=0)
+    tokens = [step[0] for step in stream_tokens(decoder, config, decoder.eos)]
+    assert len(tokens) == 6 and decoder.eos not in tokens
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(min_new_tokens=-1), "min_new_tokens must be >= 0, got -1"),
+    (dict(min_new_tokens=5, max_new_tokens=3), "min_new_tokens 5 exceeds max_new_tokens 3"),
+])
+def test_bad_min_new_tokens(kwargs, message):
+    from visualglm.errors import UserError
+    from visualglm.generation import GenerationConfig
+    with pytest.raises(UserError, match=message):
+        GenerationConfig(**kwargs).check()
+
+
+def test_min_new_tokens_beyond_the_room_left_is_refused():
+    from visualglm.generation import GenerationConfig, stream_tokens
+    decoder = _ScriptedDecoder(prompt_length=35, max_length=40)
+    with pytest.raises(SequenceTooLongError, match="min_new_tokens 6 exceeds the 5 tokens"):
+        next(stream_tokens(decoder, GenerationConfig(min_new_tokens=6), decoder.eos))

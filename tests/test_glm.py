@@ -62,3 +62,35 @@ def test_glm_parameter_names(tiny_model):
         assert expected in names
     assert tiny_model.llm_model.lm_head.weight.shape == (1024, 96)
     assert tiny_model.llm_model.lm_head.bias is None
+
+
+def test_cache_write_is_in_place_at_each_samples_column():
+    """_write_cache puts [B, heads, S, d] at columns cache_index[b] … of the flat [B·heads·L, d] cache
+    Parameter itself (an in-place ScatterUpdate), leaves every other column, and returns the [B, heads, L, d]
+    view; checked against numpy."""
+    import mindspore as ms
+    from mindspore import Parameter, Tensor, nn
+    from visualglm.glm import _write_cache
+
+    b, heads, length, d, s = 2, 3, 10, 4, 2
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal((b * heads * length, d)).astype(np.float32)
+
+    class Writer(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.cache = Parameter(Tensor(start.copy()), name="cache", requires_grad=False)
+
+        def construct(self, new, index):
+            return _write_cache(self.cache, new, index)
+
+    writer = Writer()
+    new = rng.standard_normal((b, heads, s, d)).astype(np.float32)
+    index = np.array([3, 7], np.int32)
+    view = writer(Tensor(new), Tensor(index)).asnumpy()
+    expected = start.reshape(b, heads, length, d).copy()
+    for row in range(b):
+        expected[row, :, index[row]:index[row] + s] = new[row]
+    np.testing.assert_array_equal(view, expected)
+    np.testing.assert_array_equal(writer.cache.asnumpy().reshape(b, heads, length, d), expected)
+    assert writer.cache.shape == (b * heads * length, d) and writer.cache.dtype == ms.float32
