@@ -446,7 +446,7 @@ def _case_missing_key(tmp_path, state):
 def _case_unknown_key(tmp_path, state):
     key = "mixins.eva.model.vit.transformer.layers.0.attention.extra_scale"
     folder = _write_sat(tmp_path / "ckpt", {**state, key: torch.ones(4, dtype=torch.float16)})
-    return ["--torch_path", str(folder)], ["unknown", key]
+    return ["--torch_path", str(folder)], ["unexpected", key]
 
 
 def _case_missing_config(tmp_path, state):
@@ -553,24 +553,25 @@ def test_failed_conversion_leaves_existing_outputs_untouched(tmp_path, sat_state
 
 @pytest.mark.parametrize("existing", [False, True])
 def test_failed_write_leaves_no_output_and_no_temp(tmp_path, monkeypatch, existing):
-    import mindspore
+    from visualglm import checkpoint_io
     from visualglm.conversion import convert_checkpoint
     out = tmp_path / "out"
     before = _seed_outputs(out) if existing else {}
-    real_save = mindspore.save_checkpoint
-    calls = []
+    real_write = checkpoint_io._PlannedWriter.write
+    files = []
 
-    def save_then_fail_on_second(save_obj, ckpt_file_name, *args, **kwargs):
-        calls.append(ckpt_file_name)
-        real_save(save_obj, ckpt_file_name, *args, **kwargs)  # the file exists when the failure hits
-        if len(calls) == 2:
+    def write_then_fail_in_second_file(self, name, array):
+        if self.path not in files:
+            files.append(self.path)
+        real_write(self, name, array)   # the temporary file exists and holds data when the failure hits
+        if len(files) == 2:
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(mindspore, "save_checkpoint", save_then_fail_on_second)
+    monkeypatch.setattr(checkpoint_io._PlannedWriter, "write", write_then_fail_in_second_file)
     with pytest.raises(OSError, match="No space left"):
         convert_checkpoint(str(CKPT_DIR), _outputs(out), show_progress=False)
-    assert len(calls) == 2
-    assert all(Path(c).parent == out for c in calls), calls
+    assert len(files) == 2
+    assert all(Path(f).parent == out and ".tmp-" in Path(f).name for f in files), files
     assert _files_in(out) == sorted(before)
     assert {name: (out / name).read_bytes() for name in _files_in(out)} == before
 
@@ -583,7 +584,8 @@ def test_partial_conversion_writes_only_qformer(tmp_path, sat_numpy, capsys):
                                             "--vit_convert_flag", "0", "--glm_convert_flag", "0"], capsys)
     assert code == 0, stderr
     assert _files_in(out) == ["qformer.ckpt"]
-    assert stdout.strip() == f"wrote {out / 'qformer.ckpt'} (75 tensors)"
+    assert [line for line in stdout.splitlines() if line.startswith("wrote")] == \
+        [f"wrote {out / 'qformer.ckpt'} (75 tensors)"]
     got = _load_ckpt(out / "qformer.ckpt")
     expected = _expected(sat_numpy)["qformer"]
     assert set(got) == set(expected)

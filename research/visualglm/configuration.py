@@ -255,6 +255,25 @@ class VisualGLMConfig(PretrainedConfig):
         text.update(overrides.pop("text_config", {}))
         return cls(vision_config=vision, qformer_config=qformer, text_config=text, **overrides)
 
+    @classmethod
+    def from_hf_config(cls, path_or_dict, **overrides):
+        """Build the config of THUDM's Hugging Face `visualglm-6b` from its `config.json` (a path, the
+        model folder, or the parsed dict): ChatGLM's fields plus `eva_config`, `qformer_config` and
+        `image_length`, i.e. SAT's model_config.json with eva_config/qformer_config in place of
+        eva_args/qformer_args. Read as `from_sat_config` reads that (its `eos_token_id` is not used:
+        eos = bos + 1, as in ChatGLM's layout). `overrides` as in `from_sat_config`."""
+        hf = path_or_dict
+        if not isinstance(hf, dict):
+            path = os.path.join(hf, "config.json") if os.path.isdir(hf) else hf
+            with open(path, encoding="utf-8") as f:
+                hf = json.load(f)
+        missing = [k for k in ("eva_config", "qformer_config") if k not in hf]
+        if missing:
+            raise ValueError(f"not a VisualGLM Hugging Face config.json: no {' or '.join(missing)}")
+        sat = {k: v for k, v in hf.items() if k not in ("eva_config", "qformer_config")}
+        sat["eva_args"], sat["qformer_args"] = hf["eva_config"], hf["qformer_config"]
+        return cls.from_sat_config(sat, **overrides)
+
 
 def load_config(path, **overrides):
     """A VisualGLMConfig from a MindFormers yaml (its `model.model_config`), a SAT `model_config.json`,
