@@ -402,19 +402,22 @@ def _pwrite_all(fd, view, offset):
         done += os.pwrite(fd, view[done:], offset + done)
 
 
-def _write_cast(fd, array, dtype, segments):
-    """Write `array` cast to `dtype` into the file byte ranges `segments` [(offset, length), ...] (filled
-    in order, their lengths summing to the tensor's bytes), chunk by chunk."""
+def _write_views(fd, views, segments):
+    """Write the byte buffers `views`, in order, into the file byte ranges `segments` [(offset, length)]
+    (filled in order). Returns the number of bytes written."""
     segments = list(segments)
-    index, used = 0, 0
-    for view in _cast_chunks(array, dtype):
+    index, used, total = 0, 0, 0
+    for view in views:
         while len(view):
+            if index == len(segments):
+                raise ValueError("more data than planned")
             offset, length = segments[index]
             n = min(len(view), length - used)
             _pwrite_all(fd, view[:n], offset + used)
-            view, used = view[n:], used + n
+            view, used, total = view[n:], used + n, total + n
             if used == length:
                 index, used = index + 1, 0
+    return total
 
 
 class _PlannedWriter:
@@ -447,6 +450,20 @@ class _PlannedWriter:
             raise ValueError(f"{self.path}: {name} is {tuple(np.shape(array))}, planned {spec.shape}")
         self._write_tensor(spec, array)
         self.written.add(name)
+
+    def write_chunks(self, name, chunks):
+        """Write tensor `name` from successive flat chunks (C order, any dtype: cast to the planned one),
+        so that a tensor never needs to be in memory whole."""
+        spec = self.specs.get(name)
+        if spec is None or name in self.written:
+            raise ValueError(f"{self.path}: {name} " + ("was not planned" if spec is None else "written twice"))
+        views = (memoryview(np.ascontiguousarray(c, dtype=spec.dtype).reshape(-1)).cast("B") for c in chunks)
+        if _write_views(self.fd, views, self._segments(spec)) != spec.nbytes:
+            raise ValueError(f"{self.path}: {name}: the chunks do not fill its {spec.nbytes} bytes")
+        self.written.add(name)
+
+    def _write_tensor(self, spec, array):
+        _write_views(self.fd, _cast_chunks(array, spec.dtype), self._segments(spec))
 
     def close(self):
         """Finish the file; raises if a planned tensor was not written."""
@@ -507,8 +524,8 @@ class SafetensorsWriter(_PlannedWriter):
         os.pwrite(self.fd, self.header, 0)
         os.ftruncate(self.fd, self.size)
 
-    def _write_tensor(self, spec, array):
-        _write_cast(self.fd, array, spec.dtype, [(len(self.header) + self.offsets[spec.name], spec.nbytes)])
+    def _segments(self, spec):
+        return [(len(self.header) + self.offsets[spec.name], spec.nbytes)]
 
 
 SLICE_BYTES = 512 * 1024 * 1024   # mindspore.train.serialization.SLICE_SIZE (KB) * 1024
@@ -577,9 +594,8 @@ class CkptWriter(_PlannedWriter):
                 os.pwrite(self.fd, head, position)
         os.ftruncate(self.fd, self.size)
 
-    def _write_tensor(self, spec, array):
-        segments = [(position + len(head), content) for position, head, content in self.layout[spec.name]]
-        _write_cast(self.fd, array, spec.dtype, [s for s in segments if s[1]])
+    def _segments(self, spec):
+        return [(position + len(head), content) for position, head, content in self.layout[spec.name] if content]
 
 
 def writer_for(path, specs):

@@ -267,7 +267,7 @@ class CheckpointReader:
         self.naming = naming        # decided from the keys when None
         self._config_file, self._config_kind = config_file, config_kind
         self.tensors = OrderedDict()   # SAT name -> SourceTensor
-        self.skipped = []              # stored names the layout skips
+        self.skipped = OrderedDict()   # stored name -> SourceTensor, for what the layout skips
         self.qkv_layout = None
         self.num_heads = None
 
@@ -332,7 +332,7 @@ class CheckpointReader:
         for name, tensor in stored.items():
             sat = self.naming.to_sat(name)
             if sat is None:
-                self.skipped.append(name)
+                self.skipped[name] = tensor
             elif sat in self.tensors:
                 raise ConversionError(f"{name} and {self.tensors[sat].stored} are the same tensor {sat}")
             else:
@@ -358,6 +358,10 @@ class CheckpointReader:
                                  (lambda e=e: cio.read_safetensors_tensor(shard, e)))
                     for name, e in entries.items()]
         if not cio.is_zip_file(shard):
+            with open(shard, "rb") as f:
+                if f.read(4) == b"PK\x03\x04":
+                    raise ConversionError(f"{shard}: truncated or corrupt PyTorch file (a zip archive without "
+                                          "its central directory)")
             state = load_sat_state_dict(shard)   # legacy (pre-1.6) PyTorch file: read whole
             return [SourceTensor(name, tuple(a.shape), a.dtype, shard, (lambda a=a: a)) for name, a in state.items()]
         obj, infos = cio.read_torch_zip_index(shard)
@@ -388,11 +392,11 @@ class CheckpointReader:
         warnings = []
         r = head_dim // 2
         want = 1.0 / base ** (np.arange(0, r, 2, dtype=np.float64) / r)
-        for stored in self.skipped:
+        for stored, tensor in self.skipped.items():
             if not _HF_INV_FREQ.match(stored):
                 continue
             try:
-                got = np.asarray(self._stored_tensor(stored).read(), np.float64)
+                got = np.asarray(tensor.read(), np.float64)
                 ok = got.shape == want.shape and np.allclose(got, want, rtol=2e-3, atol=0)
             except Exception as err:  # noqa: BLE001  a buffer never fails the conversion
                 ok, got = False, err
@@ -401,13 +405,6 @@ class CheckpointReader:
                                 f"{head_dim} (ignored: the model computes it)")
         return warnings[:1] + ([f"warning: ... and {len(warnings) - 1} more such buffers"]
                                if len(warnings) > 1 else [])
-
-    def _stored_tensor(self, stored):
-        for shard in self.shards:   # only for the few skipped buffers
-            for tensor in self._locate(shard):
-                if tensor.stored == stored:
-                    return tensor
-        raise KeyError(stored)
 
 
 HF_INDEXES = (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "torch"))
@@ -642,7 +639,7 @@ class _Outputs:
             writer.close()
         for path, writer in self.writers.items():
             os.replace(writer.path, path)
-        self.writers = {}
+        self.writers, self.created_dirs = {}, []
 
     def discard(self):
         for writer in self.writers.values():
@@ -675,12 +672,20 @@ def save_checkpoints(arrays_by_path):
 
 # ----- the conversion -----
 
+def _is_hf_config(path):
+    import json
+    with open(path, encoding="utf-8") as f:
+        return "eva_config" in json.load(f)
+
+
 def _load_config(config, reader):
     from visualglm.configuration import VisualGLMConfig, load_config
     if isinstance(config, str):
         if not os.path.exists(config):
             raise ConversionError(f"config not found: {config}")
         try:
+            if config.endswith(".json") and os.path.isfile(config) and _is_hf_config(config):
+                return VisualGLMConfig.from_hf_config(config)
             return load_config(config)
         except (ValueError, KeyError, TypeError, OSError) as err:
             raise ConversionError(f"{config}: not a usable model config ({type(err).__name__}: {err})") from None
@@ -750,12 +755,11 @@ def _convert(torch_path, outputs, config, qkv_layout, dtype, show_progress, log)
             progress = tqdm(total=len(wanted), desc="converting", unit="tensor", disable=None, file=sys.stderr)
         for key in wanted:
             rule = rules[key]
-            array = reader.read(key)
-            for name, value in rule.convert(array):
+            for name, value in rule.convert(reader.read(key)):
                 writers.write(files[rule.part], name, value)
                 if name == EMBEDDING and "lite" in files:
                     writers.write(files["lite"], name, value)
-            del array, value
+            value = None   # drop the tensor before the next one is read
             if progress is not None:
                 progress.update()
         if progress is not None:
