@@ -554,7 +554,7 @@ def test_failed_conversion_leaves_existing_outputs_untouched(tmp_path, sat_state
 @pytest.mark.parametrize("existing", [False, True])
 def test_failed_write_leaves_no_output_and_no_temp(tmp_path, monkeypatch, existing):
     from visualglm import checkpoint_io
-    from visualglm.conversion import convert_checkpoint
+    from visualglm.conversion import ConversionError, convert_checkpoint
     out = tmp_path / "out"
     before = _seed_outputs(out) if existing else {}
     real_write = checkpoint_io._PlannedWriter.write
@@ -568,7 +568,7 @@ def test_failed_write_leaves_no_output_and_no_temp(tmp_path, monkeypatch, existi
             raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint_io._PlannedWriter, "write", write_then_fail_in_second_file)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(ConversionError, match=r"^cannot write .*\.tmp-\d+: No space left on device$"):
         convert_checkpoint(str(CKPT_DIR), _outputs(out), show_progress=False)
     assert len(files) == 2
     assert all(Path(f).parent == out and ".tmp-" in Path(f).name for f in files), files

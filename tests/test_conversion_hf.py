@@ -507,18 +507,18 @@ def test_ctrl_c_leaves_no_temp_and_keeps_existing_outputs(tmp_path, capsys, monk
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
-def test_failing_write_into_new_folders_removes_them(tmp_path, monkeypatch):
+def test_failing_write_is_one_line_and_removes_new_folders(tmp_path, monkeypatch, capsys):
     from visualglm import checkpoint_io
-    from visualglm.conversion import convert_checkpoint
 
     def no_space(self, name, array):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(checkpoint_io._PlannedWriter, "write", no_space)
-    with pytest.raises(OSError, match="No space left"):
-        convert_checkpoint(str(HF / "safetensors"), _outputs(tmp_path / "new" / "deeper", ".safetensors"),
-                           show_progress=False)
-    assert _files_in(tmp_path) == []
+    out = tmp_path / "new" / "deeper"
+    code, _, err = _run_in_process(["--torch_path", str(HF / "safetensors"), *_out_args(out, ".safetensors")],
+                                   capsys)
+    line = _one_error_line(code, err, ["cannot write", "No space left on device"], tmp_path)
+    assert re.search(r"/(vit|qformer|glm)\.safetensors\.tmp-\d+: ", line), line
 
 
 # ----- 5. the streaming readers and writers -----

@@ -437,7 +437,12 @@ class _PlannedWriter:
     def open(self):
         """Create the file (exclusively: it must not exist) and write the non-tensor bytes."""
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        self._write_skeleton()
+        try:
+            self._write_skeleton()
+        except BaseException:
+            self.abort()
+            os.remove(self.path)
+            raise
         return self
 
     def write(self, name, array):
@@ -598,6 +603,12 @@ class CkptWriter(_PlannedWriter):
         return [(position + len(head), content) for position, head, content in self.layout[spec.name] if content]
 
 
-def writer_for(path, specs):
-    """SafetensorsWriter for a path ending in .safetensors, CkptWriter otherwise."""
-    return SafetensorsWriter(path, specs) if str(path).endswith(".safetensors") else CkptWriter(path, specs)
+def output_format(path):
+    """"safetensors" for a path ending in .safetensors, else "ckpt"."""
+    return "safetensors" if str(path).endswith(".safetensors") else "ckpt"
+
+
+def writer_for(path, specs, fmt=None):
+    """A SafetensorsWriter or CkptWriter for `path`; fmt ("safetensors" | "ckpt") defaults to the path's."""
+    fmt = fmt or output_format(path)
+    return SafetensorsWriter(path, specs) if fmt == "safetensors" else CkptWriter(path, specs)

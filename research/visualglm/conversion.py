@@ -381,7 +381,11 @@ class CheckpointReader:
         self.num_heads = num_heads
 
     def read(self, sat_name):
-        array = self.tensors[sat_name].read()
+        tensor = self.tensors[sat_name]
+        try:
+            array = tensor.read()
+        except OSError as err:
+            raise ConversionError(f"{tensor.file}: cannot read {tensor.stored}: {err.strerror or err}") from None
         if self.qkv_layout == "interleaved" and _GLM_QKV.match(sat_name):
             array = interleaved_to_block_qkv(array, self.num_heads)
         return array
@@ -398,8 +402,8 @@ class CheckpointReader:
             try:
                 got = np.asarray(tensor.read(), np.float64)
                 ok = got.shape == want.shape and np.allclose(got, want, rtol=2e-3, atol=0)
-            except Exception as err:  # noqa: BLE001  a buffer never fails the conversion
-                ok, got = False, err
+            except Exception:  # noqa: BLE001  a buffer never fails the conversion
+                ok = False
             if not ok:
                 warnings.append(f"warning: {stored} is not 1/{base}^(arange(0, {r}, 2)/{r}) for head dim "
                                 f"{head_dim} (ignored: the model computes it)")
@@ -607,8 +611,7 @@ class _Outputs:
             writer = None
             for attempt in range(100):
                 tmp = f"{path}.tmp-{os.getpid()}" + (f"-{attempt}" if attempt else "")
-                writer = cio.writer_for(path, specs)
-                writer.path = tmp
+                writer = cio.writer_for(tmp, specs, fmt=cio.output_format(path))
                 try:
                     writer.open()
                     break
@@ -632,13 +635,21 @@ class _Outputs:
             self.created_dirs.append(folder)
 
     def write(self, path, name, array):
-        self.writers[path].write(name, array)
+        writer = self.writers[path]
+        try:
+            writer.write(name, array)
+        except OSError as err:
+            raise ConversionError(f"cannot write {writer.path}: {err.strerror or err}") from None
 
     def commit(self):
-        for writer in self.writers.values():
-            writer.close()
-        for path, writer in self.writers.items():
-            os.replace(writer.path, path)
+        try:
+            for writer in self.writers.values():
+                writer.close()
+            for path, writer in self.writers.items():
+                os.replace(writer.path, path)
+        except OSError as err:
+            raise ConversionError(f"cannot finish {getattr(err, 'filename', None) or 'the outputs'}: "
+                                  f"{err.strerror or err}") from None
         self.writers, self.created_dirs = {}, []
 
     def discard(self):
