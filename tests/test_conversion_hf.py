@@ -12,7 +12,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -239,8 +238,10 @@ def test_index_file_and_single_files(single_files, sat_out, tmp_path):
 def test_hf_model_matches_goldens_and_greedy_answer(tmp_path, fixture_inputs, golden):
     from mindspore import Tensor
     from visualglm.generation import CachedDecoder, greedy_search
-    _convert(HF / "bin", tmp_path)   # --dtype keep: float32 ViT and Q-Former
-    checkpoints = {part: str(tmp_path / f"{part}.ckpt") for part in ("vit", "qformer", "glm")}
+    """--dtype keep (float32 ViT and Q-Former) into .safetensors files, which load_weights memory-maps (the
+    .ckpt files equal the SAT ones byte for byte, whose goldens tests/test_modeling.py checks)."""
+    _convert(HF / "bin", tmp_path, ".safetensors")
+    checkpoints = {part: str(tmp_path / f"{part}.safetensors") for part in ("vit", "qformer", "glm")}
     model = load_tiny_model(checkpoints, seq_length=64, use_past=True)
     stages = model.intermediates(fixture_inputs["pixel_values"], fixture_inputs["input_ids"],
                                  int(fixture_inputs["pre_image"]))
@@ -427,7 +428,7 @@ def test_index_and_shard_disagree(tmp_path, capsys):
     index_path = folder / "pytorch_model.bin.index.json"
     index = json.loads(index_path.read_text())
     key = "lm_head.weight"
-    other = [s for s in set(index["weight_map"].values()) if s != index["weight_map"][key]][0]
+    other = next(s for s in set(index["weight_map"].values()) if s != index["weight_map"][key])
     index["weight_map"][key] = other
     index_path.write_text(json.dumps(index))
     out = tmp_path / "out"

@@ -345,10 +345,13 @@ def read_torch_tensor(path, ref, info, f=None):
     span = ref.extent * ref.itemsize
     start = ref.offset * ref.itemsize
     raw_dtype = np.uint16 if ref.storage_dtype == "bf16" else ref.storage_dtype
-    if info.compress_type != zipfile.ZIP_STORED:
-        with zipfile.ZipFile(path) as zf, zf.open(info) as member:
-            member.seek(start)
-            buffer = np.frombuffer(member.read(span), dtype=np.uint8).copy()
+    if info.compress_type != zipfile.ZIP_STORED:   # torch never compresses; a re-zipped file might
+        try:
+            with zipfile.ZipFile(path) as zf, zf.open(info) as member:
+                member.seek(start)
+                buffer = np.frombuffer(member.read(span), dtype=np.uint8).copy()
+        except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+            raise CheckpointFileError(f"{path}: corrupt: {info.filename}: {err}") from None
     else:
         buffer = _empty(span)
         handle = f if f is not None else open(path, "rb", buffering=0)
