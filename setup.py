@@ -7,8 +7,8 @@ setup(
     description="VisualGLM-6B (EVA-CLIP ViT + BLIP-2 Q-Former + ChatGLM-6B) ported to MindSpore",
     python_requires=">=3.9,<3.12",
     package_dir={"": "research"},
-    packages=["visualglm", "visualglm.demo"],
-    package_data={"visualglm": ["*.yaml"], "visualglm.demo": ["weights/*"]},
+    packages=["visualglm", "visualglm.demo", "visualglm.kernels"],
+    package_data={"visualglm": ["*.yaml"], "visualglm.demo": ["weights/*"], "visualglm.kernels": ["*.cc"]},
     install_requires=[
         "mindspore==2.9.0",
         "mindformers==1.9.0",

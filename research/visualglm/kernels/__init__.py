@@ -1,0 +1,295 @@
+"""A CPU linear kernel (x · Wᵀ with float16 or float32 weights, float32 accumulation) as a MindSpore custom op.
+
+`linear_cpu.cc` is compiled with the system C++ compiler on first use into a cache folder and called through
+`ops.Custom(func_type="aot")`, in GRAPH mode and in PyNative. Two code paths live in the one library, AVX-512
+(F + F16C) and AVX2 + FMA + F16C; the CPU's features decide at run time which one runs.
+
+Public API:
+    kernel_path() -> "avx512" | "avx2" | None
+    linear_op(transpose_b) -> primitive | None: op(x [..., K] float32, w) -> [..., N] float32 with
+        w [N, K] (transpose_b=True, torch Linear layout) or [K, N] (transpose_b=False), float16 or float32.
+
+Environment:
+    VISUALGLM_CPU_KERNEL     auto (default) | avx512 | avx2 | off. A path this CPU lacks falls back to the best
+                             available one, with a warning (the one log line says so).
+    CXX                      the compiler (default g++).
+    VISUALGLM_KERNEL_CACHE   the cache folder (default ~/.cache/visualglm/kernels); builds go in a
+                             sub-folder named by a hash of source, compiler and flags.
+    VISUALGLM_KERNEL_THREADS threads per call (default: the CPUs in the process's affinity mask). Read once,
+                             when the library first runs.
+    VISUALGLM_KERNEL_SPIN_US how long idle workers spin before sleeping (default 100).
+
+Exactly one log line per process says which path runs and why; anything that goes wrong while building or
+loading the library makes kernel_path() None (the caller keeps MindSpore's MatMul), never an exception.
+"""
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["kernel_path", "linear_op"]
+
+SOURCE = Path(__file__).resolve().with_name("linear_cpu.cc")
+ABI_VERSION = 1
+CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-w")
+PATHS = ("avx512", "avx2")
+_ENV_CHOICES = ("auto", "off") + PATHS
+_FEATURE_BITS = {"avx2": 1, "avx512": 2}
+
+logger = logging.getLogger("visualglm.kernels")
+
+_lock = threading.RLock()
+_resolved = False
+_path = None         # the path this process uses
+_available = ()      # every path the library can run on this CPU
+_library = None      # the compiled library's file
+_ops = {}
+
+
+def _log(level, message):
+    """The module's single line, on stderr even when the application has not configured logging."""
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[%(name)s] %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    logger.log(level, message)
+
+
+class _Unavailable(Exception):
+    """Why the kernel cannot run here (the text goes into the log line)."""
+
+
+def _requested():
+    value = os.environ.get("VISUALGLM_CPU_KERNEL", "auto").strip().lower() or "auto"
+    if value not in _ENV_CHOICES:
+        raise ValueError(f"VISUALGLM_CPU_KERNEL={value!r}: expected one of {', '.join(_ENV_CHOICES)}")
+    return value
+
+
+def _cpuinfo_flags():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def _compiler():
+    command = shlex.split(os.environ.get("CXX", "").strip() or "g++")
+    found = shutil.which(command[0]) if command else None
+    if not found:
+        raise _Unavailable(f"{command[0] if command else 'CXX'} not found")
+    command[0] = found
+    try:
+        version = subprocess.run(command + ["--version"], capture_output=True, text=True, timeout=60,
+                                 check=False).stdout.splitlines()[:1]
+    except (OSError, subprocess.SubprocessError) as err:
+        raise _Unavailable(f"{command[0]} does not run: {err}") from None
+    return command, version[0] if version else ""
+
+
+def _cache_root():
+    root = os.environ.get("VISUALGLM_KERNEL_CACHE", "").strip()
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "visualglm" / "kernels"
+
+
+@contextlib.contextmanager
+def _file_lock(path):
+    """An exclusive advisory lock (released when the process dies); no-op where flock is missing."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _build():
+    """Path of the compiled library, compiling it if this source/compiler/flags combination is not cached."""
+    command, version = _compiler()
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(command).encode(), version.encode(),
+                                      " ".join(CXX_FLAGS).encode(), str(ABI_VERSION).encode(),
+                                      platform.machine().encode()])).hexdigest()[:20]
+    folder = _cache_root() / key
+    library = folder / "linear_cpu.so"
+    if library.is_file():
+        return library
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _Unavailable(f"cannot create cache folder {folder}: {err}") from None
+    with _file_lock(folder / ".lock"):
+        if library.is_file():  # another process built it while we waited
+            return library
+        fd, temp = tempfile.mkstemp(prefix=".linear_cpu.", suffix=".so.tmp", dir=folder)
+        os.close(fd)
+        try:
+            result = subprocess.run(command + list(CXX_FLAGS) + [str(SOURCE), "-o", temp], capture_output=True,
+                                    text=True, timeout=600, check=False)
+            if result.returncode != 0:
+                (folder / "build.log").write_text(result.stdout + result.stderr, encoding="utf-8")
+                lines = [line for line in result.stderr.splitlines() if "error" in line] or \
+                    result.stderr.splitlines() or [f"exit code {result.returncode}"]
+                raise _Unavailable(f"compile failed: {lines[0].strip()[:200]}; log in {folder / 'build.log'}")
+            os.chmod(temp, 0o755)
+            os.replace(temp, library)
+        except (OSError, subprocess.SubprocessError) as err:
+            raise _Unavailable(f"compile failed: {err}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+    return library
+
+
+def _self_test(lib, path):
+    """A few small products through the library itself (both layouts and weight types, decode and prefill
+    sizes) against numpy: a library that computes wrong numbers is not used."""
+    rng = np.random.default_rng(0)
+    for nt in (True, False):
+        for wdt in (np.float16, np.float32):
+            for m, k, n in ((1, 37, 19), (11, 70, 45), (3, 256, 520), (20, 64, 300)):  # serial, threaded
+                x = rng.standard_normal((m, k)).astype(np.float32)
+                w = rng.standard_normal((n, k) if nt else (k, n)).astype(wdt)
+                out = np.empty((m, n), np.float32)
+                arrays = (x, w, out)
+                params = (ctypes.c_void_p * 3)(*(a.ctypes.data for a in arrays))
+                ndims = (ctypes.c_int * 3)(2, 2, 2)
+                dims = [(ctypes.c_int64 * 2)(*a.shape) for a in arrays]
+                shapes = (ctypes.POINTER(ctypes.c_int64) * 3)(*(ctypes.cast(d, ctypes.POINTER(ctypes.c_int64))
+                                                                for d in dims))
+                dtypes = (ctypes.c_char_p * 3)(*(a.dtype.name.encode() for a in arrays))
+                func = getattr(lib, f"vg_linear_{'nt' if nt else 'nn'}_{path}")
+                if func(3, params, ndims, shapes, dtypes, None, None) != 0:
+                    raise _Unavailable("self-test: the kernel refused its arguments")
+                w64 = w.astype(np.float64)
+                ref = x.astype(np.float64) @ (w64.T if nt else w64)
+                if not np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max()):
+                    raise _Unavailable("self-test: wrong results")
+
+
+def _resolve():
+    """Decide the path once per process and log it."""
+    global _resolved, _path, _available, _library
+    requested = _requested()
+    if requested == "off":
+        _resolved = True
+        _log(logging.INFO, "CPU linear kernel off (VISUALGLM_CPU_KERNEL=off): using MindSpore MatMul")
+        return
+    try:
+        if platform.machine().lower() not in ("x86_64", "amd64") or not sys.platform.startswith("linux"):
+            raise _Unavailable(f"needs x86-64 Linux, this is {sys.platform} {platform.machine()}")
+        flags = _cpuinfo_flags()
+        if flags is not None and not {"avx2", "fma", "f16c"} <= flags:
+            raise _Unavailable("CPU lacks AVX2/FMA/F16C")
+        library = _build()
+        white_list = os.environ.get("MS_CUSTOM_AOT_WHITE_LIST")
+        if white_list and os.path.realpath(white_list) not in os.path.realpath(library):
+            raise _Unavailable(f"{library} is outside MS_CUSTOM_AOT_WHITE_LIST={white_list}")
+        lib = ctypes.CDLL(str(library))
+        if lib.vg_abi_version() != ABI_VERSION:
+            raise _Unavailable(f"{library} has ABI {lib.vg_abi_version()}, expected {ABI_VERSION}")
+        features = lib.vg_cpu_features()
+        available = [p for p in PATHS if features & _FEATURE_BITS[p]]
+        if not available:
+            raise _Unavailable("CPU lacks AVX2/FMA/F16C")
+        path, note, level = available[0], "", logging.INFO
+        if requested != "auto":
+            if requested in available:
+                path, note = requested, f"; VISUALGLM_CPU_KERNEL={requested}"
+            else:
+                note, level = f"; VISUALGLM_CPU_KERNEL={requested} asks for a path this CPU lacks", logging.WARNING
+        _self_test(lib, path)
+        threads = lib.vg_num_threads()
+    except _Unavailable as why:
+        _resolved = True
+        _log(logging.WARNING if requested != "auto" else logging.INFO,
+             f"CPU linear kernel unavailable ({why}): using MindSpore MatMul")
+        return
+    except Exception as err:  # noqa: BLE001 - whatever goes wrong here must not take the model down
+        _resolved = True
+        _log(logging.WARNING, f"CPU linear kernel unavailable ({type(err).__name__}: {err}): using MindSpore MatMul")
+        return
+    _path, _available, _library, _resolved = path, tuple(available), str(library), True
+    _log(level, f"CPU linear kernel: {path} ({threads} thread{'s' if threads != 1 else ''}{note}; {library})")
+
+
+def kernel_path():
+    """The kernel path this process uses ("avx512", "avx2"), or None when it uses MindSpore's MatMul.
+    The first call builds/loads the library and logs the decision; later calls return the cached answer.
+    Raises ValueError only for a VISUALGLM_CPU_KERNEL value that is not one of auto/avx512/avx2/off."""
+    with _lock:
+        if not _resolved:
+            _resolve()
+        return _path
+
+
+def linear_op(transpose_b=True, *, path=None):
+    """A MindSpore primitive y = op(x, w): x [..., K] float32, w float16 or float32 of shape [N, K]
+    (transpose_b=True) or [K, N] (transpose_b=False); y [..., N] float32. None when kernel_path() is None.
+    Works in GRAPH mode (inside a Cell's construct) and in PyNative, and has a bprop (dx by the kernel, dW by
+    MindSpore's MatMul). One primitive per (path, layout), cached.
+    `path` ("avx512"/"avx2", for tests and benchmarks) runs that path instead of kernel_path()'s; ValueError if
+    this CPU cannot run it."""
+    chosen = kernel_path()
+    if chosen is None:
+        return None
+    if path is None:
+        path = chosen
+    elif path not in _available:
+        raise ValueError(f"CPU linear kernel path {path!r} is not available here (available: {_available})")
+    key = (path, bool(transpose_b))
+    with _lock:
+        if key not in _ops:
+            _ops[key] = _make_op(path, bool(transpose_b))
+        return _ops[key]
+
+
+def _make_op(path, transpose_b):
+    import mindspore as ms
+    from mindspore import ops
+
+    def out_shape(x_shape, w_shape):
+        return list(x_shape[:-1]) + [w_shape[0] if transpose_b else w_shape[1]]
+
+    def out_dtype(x_dtype, w_dtype):  # pylint: disable=unused-argument
+        return ms.float32
+
+    layout = "nt" if transpose_b else "nn"
+    other = "nn" if transpose_b else "nt"
+    # Gradients: dx = dy · W, which is this kernel in the other layout (W[N, K] read as [K', N'] = [N, K]);
+    # dW by MindSpore's MatMul in float32, cast to W's dtype.
+    dx_op = ops.Custom(f"{_library}:vg_linear_{other}_{path}", out_shape=lambda dy, w: list(dy[:-1]) + [
+        w[1] if transpose_b else w[0]], out_dtype=out_dtype, func_type="aot")
+    dw_matmul = ops.MatMul(transpose_a=True)
+
+    def bprop(x, w, out, dout):  # pylint: disable=unused-argument
+        dx = dx_op(dout, w)
+        x2 = x.reshape(-1, x.shape[-1])
+        dy2 = dout.reshape(-1, dout.shape[-1])
+        dw = dw_matmul(dy2, x2) if transpose_b else dw_matmul(x2, dy2)
+        return dx, dw.astype(w.dtype)
+
+    return ops.Custom(f"{_library}:vg_linear_{layout}_{path}", out_shape=out_shape, out_dtype=out_dtype,
+                      func_type="aot", bprop=bprop)

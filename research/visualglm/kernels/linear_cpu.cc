@@ -1,0 +1,731 @@
+// CPU linear kernel for MindSpore's AOT custom op: out[..., N] (float32) = x[..., K] (float32) · Wᵀ.
+//
+// W is float16 or float32 and stored either [N, K] ("nt", transpose_b, like torch.nn.Linear) or [K, N]
+// ("nn", the [in, out] layout). Accumulation is float32 throughout.
+//
+// Exported entry points (MindSpore AOT CPU signature
+//   int f(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream, void* extra)
+// with params = {x, w, out}):
+//   vg_linear_nt_avx512, vg_linear_nn_avx512   AVX-512F (+ F16C, FMA)
+//   vg_linear_nt_avx2,   vg_linear_nn_avx2     AVX2 + FMA + F16C
+// and plain C helpers for the loader: vg_cpu_features(), vg_num_threads(), vg_abi_version().
+//
+// One translation unit, no -march flags: the kernel body at the end of this file is included twice, once
+// under `#pragma GCC target("avx2,fma,f16c")` and once under an AVX-512 target, into two namespaces, so the
+// library loads on any x86-64 CPU and only the path the loader picks (after checking vg_cpu_features) runs.
+//
+// Work split: the N dimension is divided among the threads of a small persistent pool (the calling thread
+// plus nthreads-1 workers that spin briefly, then sleep on a futex). Thread count: VISUALGLM_KERNEL_THREADS,
+// else the number of CPUs in the process's affinity mask.
+//   M <= 8 rows  ("decode"): every weight element is read once for all rows, bandwidth-bound.
+//   M >  8 rows  ("prefill"): blocked for cache reuse; fp16 weights are converted block by block into a
+//                per-thread fp32 buffer that all rows reuse.
+
+#ifndef VG_KERNEL_BODY
+#include <immintrin.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+
+#ifndef __x86_64__
+#error "linear_cpu.cc is x86-64 only"
+#endif
+
+namespace vg {
+
+typedef void (*JobFn)(void* ctx, int part, int parts);
+
+// ------------------------------------------------------------------------------------------------------
+// Thread pool: `n` participants = the caller + n-1 workers. run() hands out parts 0..parts-1; the caller
+// does part 0. One job at a time; a second caller that finds the pool busy runs its parts itself.
+// ------------------------------------------------------------------------------------------------------
+static long futex_op(std::atomic<uint32_t>* addr, int op, uint32_t val) {
+  return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op | FUTEX_PRIVATE_FLAG, val, nullptr, nullptr, 0);
+}
+
+static inline void cpu_relax() { _mm_pause(); }
+
+static int env_int(const char* name, int fallback) {
+  const char* s = getenv(name);
+  if (!s || !*s) return fallback;
+  char* end = nullptr;
+  long v = strtol(s, &end, 10);
+  if (end == s || v < 0 || v > 4096) return fallback;
+  return static_cast<int>(v);
+}
+
+class Pool {
+ public:
+  explicit Pool(int n) : n_(n) {
+    spin_ns_ = static_cast<int64_t>(env_int("VISUALGLM_KERNEL_SPIN_US", 100)) * 1000;
+    for (int i = 1; i < n_; ++i) std::thread(&Pool::worker, this, i).detach();  // never joined: lives as long as the process
+  }
+  int size() const { return n_; }
+
+  void run(int parts, JobFn fn, void* ctx) {
+    if (parts <= 1 || n_ <= 1) {
+      for (int p = 0; p < parts; ++p) fn(ctx, p, parts);
+      return;
+    }
+    if (parts > n_) parts = n_;
+    std::unique_lock<std::mutex> lock(busy_, std::try_to_lock);
+    if (!lock.owns_lock()) {  // another thread's call is using the pool: do the work here
+      for (int p = 0; p < parts; ++p) fn(ctx, p, parts);
+      return;
+    }
+    fn_ = fn;
+    ctx_ = ctx;
+    parts_ = parts;
+    remaining_.store(n_ - 1, std::memory_order_relaxed);
+    gen_.fetch_add(1, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) futex_op(&gen_, FUTEX_WAKE, INT_MAX);
+    fn(ctx, 0, parts);
+    wait_done();
+  }
+
+ private:
+  void wait_done() {
+    for (int i = 0; remaining_.load(std::memory_order_acquire) != 0; ++i) {
+      if (i < (1 << 16)) cpu_relax(); else sched_yield();
+    }
+  }
+
+  void worker(int id) {
+    uint32_t seen = 0;  // gen_'s value before any job (a job may be posted before this thread starts)
+    for (;;) {
+      uint32_t g = gen_.load(std::memory_order_acquire);
+      if (g == seen) {
+        auto start = std::chrono::steady_clock::now();
+        for (int i = 0;; ++i) {
+          cpu_relax();
+          g = gen_.load(std::memory_order_acquire);
+          if (g != seen) break;
+          if ((i & 255) == 255 && std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(spin_ns_)) break;
+        }
+        while (g == seen) {
+          sleepers_.fetch_add(1, std::memory_order_seq_cst);
+          g = gen_.load(std::memory_order_seq_cst);
+          if (g == seen) futex_op(&gen_, FUTEX_WAIT, seen);
+          sleepers_.fetch_sub(1, std::memory_order_seq_cst);
+          g = gen_.load(std::memory_order_acquire);
+        }
+      }
+      seen = g;
+      if (id < parts_) fn_(ctx_, id, parts_);
+      remaining_.fetch_sub(1, std::memory_order_acq_rel);
+    }
+  }
+
+  const int n_;
+  int64_t spin_ns_ = 0;
+  std::mutex busy_;
+  std::atomic<uint32_t> gen_{0};
+  std::atomic<int> remaining_{0};
+  std::atomic<int> sleepers_{0};
+  JobFn fn_ = nullptr;
+  void* ctx_ = nullptr;
+  int parts_ = 0;
+};
+
+static int default_threads() {
+  int n = env_int("VISUALGLM_KERNEL_THREADS", 0);
+  if (n > 0) return n;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
+  if (n <= 0) n = static_cast<int>(std::thread::hardware_concurrency());
+  return n > 0 ? n : 1;
+}
+
+static std::atomic<Pool*> g_pool{nullptr};
+static std::mutex g_pool_mutex;
+
+static void after_fork_in_child() { g_pool.store(nullptr); }  // the workers did not survive fork(): start anew (leaks)
+
+static Pool* pool() {
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (p) return p;
+  std::lock_guard<std::mutex> guard(g_pool_mutex);
+  p = g_pool.load(std::memory_order_acquire);
+  if (!p) {
+    static std::once_flag atfork_once;
+    std::call_once(atfork_once, [] { pthread_atfork(nullptr, nullptr, after_fork_in_child); });
+    p = new Pool(default_threads());
+    g_pool.store(p, std::memory_order_release);
+  }
+  return p;
+}
+
+// Splits [0, n) into `parts` contiguous ranges whose starts are multiples of `align`.
+static inline void split_range(int64_t n, int64_t align, int part, int parts, int64_t* begin, int64_t* end) {
+  int64_t units = (n + align - 1) / align;
+  int64_t b = units * part / parts, e = units * (part + 1) / parts;
+  *begin = b * align < n ? b * align : n;
+  *end = e * align < n ? e * align : n;
+}
+
+// Per-thread scratch (64-byte aligned), grown on demand and kept: slot 0 holds the calling thread's padded
+// copy of x (read by all parts), slot 1 a part's weight block.
+static float* scratch(int slot, size_t floats) {
+  thread_local float* buf[2] = {nullptr, nullptr};
+  thread_local size_t cap[2] = {0, 0};
+  if (floats > cap[slot]) {
+    free(buf[slot]);
+    size_t bytes = ((floats * sizeof(float) + 63) / 64) * 64;
+    buf[slot] = static_cast<float*>(aligned_alloc(64, bytes));
+    cap[slot] = buf[slot] ? floats : 0;
+  }
+  return buf[slot];
+}
+
+// Row stride for copies of x and weight blocks: rows whose stride is a multiple of 4 KB share one L1 set
+// (x's rows, K = 4096, would evict each other); this stride is 64 bytes off a multiple of 4 KB.
+static inline int64_t padded_stride(int64_t cols) { return ((cols + 15) / 16) * 16 + ((cols + 15) / 16 % 2 ? 0 : 16); }
+
+// ------------------------------------------------------------------------------------------------------
+// Argument parsing shared by all entry points.
+// ------------------------------------------------------------------------------------------------------
+struct Problem {
+  const float* x;
+  const void* w;
+  float* out;
+  bool w_half;
+  int64_t M, K, N;
+  int64_t ldx;  // x's row stride (K, or a padded copy's)
+};
+
+static bool is_f32(const char* t) { return t && (!strcmp(t, "float32") || !strcmp(t, "float")); }
+static bool is_f16(const char* t) { return t && (!strcmp(t, "float16") || !strcmp(t, "half")); }
+
+// x [..., K], w [N, K] (nt) or [K, N] (nn), out [..., N]. Returns false on anything unexpected.
+static bool parse(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, bool nt,
+                  Problem* p) {
+  if (nparam != 3 || !params || !ndims || !shapes || !dtypes) return false;
+  if (ndims[0] < 1 || ndims[1] != 2 || ndims[2] != ndims[0]) return false;
+  if (!is_f32(dtypes[0]) || !is_f32(dtypes[2]) || !(is_f32(dtypes[1]) || is_f16(dtypes[1]))) return false;
+  int64_t M = 1;
+  for (int i = 0; i + 1 < ndims[0]; ++i) {
+    if (shapes[0][i] < 0 || shapes[2][i] != shapes[0][i]) return false;
+    M *= shapes[0][i];
+  }
+  int64_t K = shapes[0][ndims[0] - 1];
+  int64_t wk = nt ? shapes[1][1] : shapes[1][0];
+  int64_t N = nt ? shapes[1][0] : shapes[1][1];
+  if (K < 0 || N < 0 || wk != K || shapes[2][ndims[2] - 1] != N) return false;
+  p->x = static_cast<const float*>(params[0]);
+  p->w = params[1];
+  p->out = static_cast<float*>(params[2]);
+  p->w_half = is_f16(dtypes[1]);
+  p->M = M;
+  p->K = K;
+  p->N = N;
+  p->ldx = K;
+  return true;
+}
+
+// Parts worth using for `flops` of work (tiny problems are not worth waking a thread for).
+static int parts_for(double flops, int64_t units) {
+  int n = pool()->size();
+  if (flops < 2.0e5) n = 1;
+  if (units < n) n = static_cast<int>(units > 0 ? units : 1);
+  return n;
+}
+
+}  // namespace vg
+
+// ---------------------------------- the ISA-specific kernels ----------------------------------------
+#define VG_KERNEL_BODY 1
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#define VG_ISA 256
+#define VG_NS vg_avx2
+#include __FILE__
+#undef VG_NS
+#undef VG_ISA
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c")
+#define VG_ISA 512
+#define VG_NS vg_avx512
+#include __FILE__
+#undef VG_NS
+#undef VG_ISA
+#pragma GCC pop_options
+
+// ------------------------------------------- exports ------------------------------------------------
+extern "C" {
+
+// Bit 0: AVX2 + FMA + F16C usable; bit 1: AVX-512F usable as well (OS state saving included).
+int vg_cpu_features(void) {
+  __builtin_cpu_init();
+  int f = 0;
+  bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  unsigned a, b, c, d;
+  bool f16c = false;
+  if (__builtin_cpu_supports("avx")) {  // F16C: CPUID.1:ECX bit 29
+    __asm__("cpuid" : "=a"(a), "=b"(b), "=c"(c), "=d"(d) : "a"(1), "c"(0));
+    f16c = (c >> 29) & 1;
+  }
+  if (avx2 && f16c) f |= 1;
+  if ((f & 1) && __builtin_cpu_supports("avx512f")) f |= 2;
+  return f;
+}
+
+int vg_num_threads(void) { return vg::pool()->size(); }
+
+int vg_abi_version(void) { return 1; }
+
+#define VG_EXPORT(name, ns, nt)                                                                          \
+  int name(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,   \
+           void* extra) {                                                                                \
+    (void)stream;                                                                                        \
+    (void)extra;                                                                                         \
+    vg::Problem p;                                                                                       \
+    if (!vg::parse(nparam, params, ndims, shapes, dtypes, nt, &p)) return 1;                             \
+    return ns::linear(p, nt);                                                                            \
+  }
+
+VG_EXPORT(vg_linear_nt_avx512, vg_avx512, true)
+VG_EXPORT(vg_linear_nn_avx512, vg_avx512, false)
+VG_EXPORT(vg_linear_nt_avx2, vg_avx2, true)
+VG_EXPORT(vg_linear_nn_avx2, vg_avx2, false)
+
+}  // extern "C"
+
+#else  // ================================ VG_KERNEL_BODY ================================================
+// Included twice above, with VG_ISA = 256 (AVX2) or 512 (AVX-512) and the matching target pragma.
+
+namespace VG_NS {
+
+using vg::Problem;
+
+#if VG_ISA == 512
+typedef __m512 V;
+constexpr int VW = 16;
+static inline V vzero() { return _mm512_setzero_ps(); }
+static inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline V vloadw(const float* p) { return _mm512_loadu_ps(p); }
+static inline V vloadw(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+static inline V vbcast(const float* p) { return _mm512_set1_ps(*p); }
+static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+static inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+static inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+static inline __m256 half_sum(V v) {
+  return _mm256_add_ps(_mm512_castps512_ps256(v),
+                       _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+// Tile shapes. Decode (dot products along K): MR rows x NR weight rows, MR*NR + NR + 1 <= 32 registers.
+template <int M> struct DecodeNR { static constexpr int value = M <= 2 ? 8 : M <= 4 ? 6 : M == 5 ? 5 : M == 6 ? 4 : 3; };
+constexpr int NT_MR = 4, NT_NR = 6;    // prefill, nt layout (dot products on fp32 blocks)
+constexpr int NN_MR = 12, NN_NRV = 2;  // prefill, nn layout: 12 rows x 32 columns
+#else
+typedef __m256 V;
+constexpr int VW = 8;
+static inline V vzero() { return _mm256_setzero_ps(); }
+static inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline V vloadw(const float* p) { return _mm256_loadu_ps(p); }
+static inline V vloadw(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+static inline V vbcast(const float* p) { return _mm256_broadcast_ss(p); }
+static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+static inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+static inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
+static inline __m256 half_sum(V v) { return v; }
+template <int M> struct DecodeNR { static constexpr int value = M <= 2 ? 4 : M == 3 ? 3 : M <= 6 ? 2 : 1; };
+constexpr int NT_MR = 3, NT_NR = 3;
+constexpr int NN_MR = 6, NN_NRV = 2;   // 6 rows x 16 columns
+#endif
+
+static inline float tof(float v) { return v; }
+static inline float tof(uint16_t v) { return _cvtsh_ss(v); }
+
+// Sum of each of 4 vectors -> one __m128 {sum(a), sum(b), sum(c), sum(d)}.
+static inline __m128 sum4(V a, V b, V c, V d) {
+  __m256 t0 = _mm256_hadd_ps(half_sum(a), half_sum(b));  // a01 a23 b01 b23 | a45 a67 b45 b67
+  __m256 t1 = _mm256_hadd_ps(half_sum(c), half_sum(d));
+  __m256 t2 = _mm256_hadd_ps(t0, t1);                     // a0-3 b0-3 c0-3 d0-3 | a4-7 ...
+  return _mm_add_ps(_mm256_castps256_ps128(t2), _mm256_extractf128_ps(t2, 1));
+}
+static inline float sum1(V a) {
+  __m256 h = half_sum(a);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Dot-product tile: out[m][r] (+)= sum_k x[m][k] * w[r][k] for m < MR, r < NR (w rows of length K).
+// ---------------------------------------------------------------------------------------------------
+template <int MR, int NR, typename WT>
+static void dot_tile(const float* x, int64_t ldx, const WT* w, int64_t ldw, int64_t K, float* out, int64_t ldo,
+                     bool accumulate) {
+  V acc[MR][NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[m][r] = vzero();
+  const int64_t kv = K - K % VW;
+  for (int64_t k = 0; k < kv; k += VW) {
+    V wv[NR];
+#ifdef VG_PF
+    if (((k * sizeof(WT)) & 63) == 0) {
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + VG_PF, _MM_HINT_T0);
+    }
+#endif
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) wv[r] = vloadw(w + r * ldw + k);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      V xv = vload(x + m * ldx + k);
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) acc[m][r] = vfma(xv, wv[r], acc[m][r]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    float s[NR];
+    int r = 0;
+    for (; r + 4 <= NR; r += 4) _mm_storeu_ps(s + r, sum4(acc[m][r], acc[m][r + 1], acc[m][r + 2], acc[m][r + 3]));
+    for (; r < NR; ++r) s[r] = sum1(acc[m][r]);
+    for (int64_t k = kv; k < K; ++k) {
+      const float xk = x[m * ldx + k];
+      for (int q = 0; q < NR; ++q) s[q] += xk * tof(w[q * ldw + k]);
+    }
+    float* o = out + m * ldo;
+    if (accumulate) {
+      for (int q = 0; q < NR; ++q) o[q] += s[q];
+    } else {
+      for (int q = 0; q < NR; ++q) o[q] = s[q];
+    }
+  }
+}
+
+// ----------------------------------- nt layout, M <= 8 (decode) ------------------------------------
+struct Ctx {
+  Problem p;
+  std::atomic<int> failed{0};  // a part that could not get its scratch buffer
+};
+
+template <int M, typename WT>
+static void nt_decode_part(const Problem& p, int part, int parts) {
+  constexpr int NR = DecodeNR<M>::value;
+  int64_t n0, n1;
+  vg::split_range(p.N, NR, part, parts, &n0, &n1);
+  const WT* w = static_cast<const WT*>(p.w);
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) dot_tile<M, NR, WT>(p.x, p.ldx, w + n * p.K, p.K, p.K, p.out + n, p.N, false);
+  for (; n < n1; ++n) dot_tile<M, 1, WT>(p.x, p.ldx, w + n * p.K, p.K, p.K, p.out + n, p.N, false);
+}
+
+template <typename WT>
+static void nt_decode_job(void* ctx, int part, int parts) {
+  const Problem& p = static_cast<Ctx*>(ctx)->p;
+  switch (p.M) {
+    case 1: nt_decode_part<1, WT>(p, part, parts); break;
+    case 2: nt_decode_part<2, WT>(p, part, parts); break;
+    case 3: nt_decode_part<3, WT>(p, part, parts); break;
+    case 4: nt_decode_part<4, WT>(p, part, parts); break;
+    case 5: nt_decode_part<5, WT>(p, part, parts); break;
+    case 6: nt_decode_part<6, WT>(p, part, parts); break;
+    case 7: nt_decode_part<7, WT>(p, part, parts); break;
+    default: nt_decode_part<8, WT>(p, part, parts); break;
+  }
+}
+
+// ----------------------------------- nt layout, M > 8 (prefill) -------------------------------------
+// Per thread: its weight rows in blocks of NB rows x KC columns (converted to fp32 if fp16); every MR-row
+// slice of x meets every NR-row group of the block.
+constexpr int64_t NT_KC = 1024, NT_NB = NT_NR * 8;
+
+typedef void (*DotFn)(const float*, int64_t, const float*, int64_t, int64_t, float*, int64_t, bool);
+
+template <int MR>
+static DotFn nt_tile_fn(int nr) {
+  switch (nr) {
+    case 1: return &dot_tile<MR, 1, float>;
+    case 2: return &dot_tile<MR, (NT_NR >= 2 ? 2 : 1), float>;
+    case 3: return &dot_tile<MR, (NT_NR >= 3 ? 3 : 1), float>;
+    case 4: return &dot_tile<MR, (NT_NR >= 4 ? 4 : 1), float>;
+    case 5: return &dot_tile<MR, (NT_NR >= 5 ? 5 : 1), float>;
+    default: return &dot_tile<MR, NT_NR, float>;
+  }
+}
+static DotFn nt_tile(int mr, int nr) {
+  switch (mr) {
+    case 1: return nt_tile_fn<1>(nr);
+    case 2: return nt_tile_fn<(NT_MR >= 2 ? 2 : 1)>(nr);
+    case 3: return nt_tile_fn<(NT_MR >= 3 ? 3 : 1)>(nr);
+    default: return nt_tile_fn<NT_MR>(nr);
+  }
+}
+
+template <typename WT>
+static void convert_rows(const WT* w, int64_t ldw, int64_t rows, int64_t cols, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const WT* s = w + r * ldw;
+    float* d = dst + r * ldd;
+    int64_t c = 0;
+    for (; c + VW <= cols; c += VW) vstore(d + c, vloadw(s + c));
+    for (; c < cols; ++c) d[c] = tof(s[c]);
+  }
+}
+
+template <typename WT>
+static void nt_prefill_job(void* ctx, int part, int parts) {
+  const Problem& p = static_cast<Ctx*>(ctx)->p;
+  int64_t n0, n1;
+  vg::split_range(p.N, NT_NR, part, parts, &n0, &n1);
+  const WT* w = static_cast<const WT*>(p.w);
+  const int64_t ldb = vg::padded_stride(NT_KC);
+  float* buf = vg::scratch(1, static_cast<size_t>(NT_NB) * ldb);
+  if (!buf) {
+    static_cast<Ctx*>(ctx)->failed.store(1);
+    return;
+  }
+  DotFn full = nt_tile(NT_MR, NT_NR);
+  for (int64_t kc = 0; kc < p.K; kc += NT_KC) {
+    const int64_t kl = p.K - kc < NT_KC ? p.K - kc : NT_KC;
+    for (int64_t nb = n0; nb < n1; nb += NT_NB) {
+      const int64_t nbl = n1 - nb < NT_NB ? n1 - nb : NT_NB;
+      convert_rows<WT>(w + nb * p.K + kc, p.K, nbl, kl, buf, ldb);  // fp32 copy, padded stride
+      for (int64_t m = 0; m < p.M; m += NT_MR) {
+        const int mr = static_cast<int>(p.M - m < NT_MR ? p.M - m : int64_t(NT_MR));
+        const float* xm = p.x + m * p.ldx + kc;
+        float* om = p.out + m * p.N + nb;
+        for (int64_t j = 0; j < nbl; j += NT_NR) {
+          const int nr = static_cast<int>(nbl - j < NT_NR ? nbl - j : int64_t(NT_NR));
+          DotFn f = (mr == NT_MR && nr == NT_NR) ? full : nt_tile(mr, nr);
+          f(xm, p.ldx, buf + j * ldb, ldb, kl, om + j, p.N, kc > 0);
+        }
+      }
+    }
+  }
+}
+
+// ----------------------------------- nn layout, M <= 8 (decode) -------------------------------------
+// out[m, n] += x[m, k..k+KB) · W[k..k+KB, n] for blocks of KB weight rows: every weight row is streamed once
+// (NV vectors = whole cache lines per step), out stays in cache between blocks.
+constexpr int NN_KB = 8;
+
+template <int M, int NV, typename WT>
+static inline void nn_decode_step(const float* x, int64_t ldx, const WT* w, int64_t N, int kb, float* out,
+                                  bool first) {
+  V acc[M][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[m][v] = first ? vzero() : vload(out + m * N + v * VW);
+  for (int kk = 0; kk < kb; ++kk) {
+    V wv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) wv[v] = vloadw(w + kk * N + v * VW);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      V a = vbcast(x + m * ldx + kk);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[m][v] = vfma(a, wv[v], acc[m][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) vstore(out + m * N + v * VW, acc[m][v]);
+}
+
+template <int M, typename WT>
+static void nn_decode_part(const Problem& p, int part, int parts) {
+  constexpr int NV = (VW == 16 || M <= 6) ? 2 : 1;  // registers: M * NV accumulators + NV weights + 1
+  int64_t n0, n1;
+  vg::split_range(p.N, NV * VW, part, parts, &n0, &n1);
+  const WT* w = static_cast<const WT*>(p.w);
+  const float* x = p.x;
+  const int64_t K = p.K, N = p.N, ldx = p.ldx;
+  for (int64_t k0 = 0; k0 < K; k0 += NN_KB) {
+    const int kb = static_cast<int>(K - k0 < NN_KB ? K - k0 : int64_t(NN_KB));
+    const float* xk = x + k0;
+    const WT* wk = w + k0 * N;
+    int64_t n = n0;
+    if (kb == NN_KB) {
+      for (; n + NV * VW <= n1; n += NV * VW) nn_decode_step<M, NV, WT>(xk, ldx, wk + n, N, NN_KB, p.out + n, k0 == 0);
+    }
+    for (; n + NV * VW <= n1; n += NV * VW) nn_decode_step<M, NV, WT>(xk, ldx, wk + n, N, kb, p.out + n, k0 == 0);
+    for (; n + VW <= n1; n += VW) nn_decode_step<M, 1, WT>(xk, ldx, wk + n, N, kb, p.out + n, k0 == 0);
+    for (; n < n1; ++n) {
+      for (int m = 0; m < M; ++m) {
+        float s = k0 ? p.out[m * N + n] : 0.f;
+        for (int kk = 0; kk < kb; ++kk) s += xk[m * ldx + kk] * tof(wk[kk * N + n]);
+        p.out[m * N + n] = s;
+      }
+    }
+  }
+}
+
+template <typename WT>
+static void nn_decode_job(void* ctx, int part, int parts) {
+  const Problem& p = static_cast<Ctx*>(ctx)->p;
+  switch (p.M) {
+    case 1: nn_decode_part<1, WT>(p, part, parts); break;
+    case 2: nn_decode_part<2, WT>(p, part, parts); break;
+    case 3: nn_decode_part<3, WT>(p, part, parts); break;
+    case 4: nn_decode_part<4, WT>(p, part, parts); break;
+    case 5: nn_decode_part<5, WT>(p, part, parts); break;
+    case 6: nn_decode_part<6, WT>(p, part, parts); break;
+    case 7: nn_decode_part<7, WT>(p, part, parts); break;
+    default: nn_decode_part<8, WT>(p, part, parts); break;
+  }
+}
+
+// ----------------------------------- nn layout, M > 8 (prefill) -------------------------------------
+// Weight blocks of KC rows x NC columns packed (fp32) into NR-column panels [KC][NR]; an MR x NR micro-tile
+// of out accumulates broadcast(x) * panel rows.
+constexpr int NN_NR = NN_NRV * VW;
+constexpr int64_t NN_KC = 256, NN_NC = NN_NR * 16;
+
+template <int MR>
+static void nn_micro(const float* x, int64_t ldx, const float* panel, int64_t kl, float* out, int64_t ldo, int nr,
+                     bool accumulate) {
+  V acc[MR][NN_NRV];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NN_NRV; ++v) acc[m][v] = vzero();
+  for (int64_t k = 0; k < kl; ++k) {
+    V b[NN_NRV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NN_NRV; ++v) b[v] = vload(panel + k * NN_NR + v * VW);
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      V a = vbcast(x + m * ldx + k);
+#pragma GCC unroll 4
+      for (int v = 0; v < NN_NRV; ++v) acc[m][v] = vfma(a, b[v], acc[m][v]);
+    }
+  }
+  if (nr == NN_NR) {
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+      for (int v = 0; v < NN_NRV; ++v) {
+        float* o = out + m * ldo + v * VW;
+        vstore(o, accumulate ? vadd(vload(o), acc[m][v]) : acc[m][v]);
+      }
+  } else {
+    alignas(64) float tmp[NN_NR];
+    for (int m = 0; m < MR; ++m) {
+      for (int v = 0; v < NN_NRV; ++v) vstore(tmp + v * VW, acc[m][v]);
+      float* o = out + m * ldo;
+      for (int c = 0; c < nr; ++c) o[c] = accumulate ? o[c] + tmp[c] : tmp[c];
+    }
+  }
+}
+
+typedef void (*MicroFn)(const float*, int64_t, const float*, int64_t, float*, int64_t, int, bool);
+
+template <int MR>
+static void fill_micro(MicroFn* table) {
+  table[MR] = &nn_micro<MR>;
+  if constexpr (MR > 1) fill_micro<MR - 1>(table);
+}
+
+template <typename WT>
+static void nn_prefill_job(void* ctx, int part, int parts) {
+  const Problem& p = static_cast<Ctx*>(ctx)->p;
+  MicroFn micro[NN_MR + 1];
+  fill_micro<NN_MR>(micro);
+  int64_t n0, n1;
+  vg::split_range(p.N, NN_NR, part, parts, &n0, &n1);
+  const WT* w = static_cast<const WT*>(p.w);
+  float* packed = vg::scratch(1, static_cast<size_t>(NN_KC) * NN_NC);
+  if (!packed) {
+    static_cast<Ctx*>(ctx)->failed.store(1);
+    return;
+  }
+  for (int64_t nc = n0; nc < n1; nc += NN_NC) {
+    const int64_t ncl = n1 - nc < NN_NC ? n1 - nc : NN_NC;
+    const int64_t npanels = (ncl + NN_NR - 1) / NN_NR;
+    for (int64_t kc = 0; kc < p.K; kc += NN_KC) {
+      const int64_t kl = p.K - kc < NN_KC ? p.K - kc : NN_KC;
+      for (int64_t j = 0; j < npanels; ++j) {  // pack: panel j = [kl][NN_NR], zero-padded past column ncl
+        float* dst = packed + j * NN_KC * NN_NR;
+        const int64_t c0 = j * NN_NR;
+        const int64_t cols = ncl - c0 < NN_NR ? ncl - c0 : int64_t(NN_NR);
+        for (int64_t k = 0; k < kl; ++k) {
+          const WT* src = w + (kc + k) * p.N + nc + c0;
+          float* d = dst + k * NN_NR;
+          if (cols == NN_NR) {
+#pragma GCC unroll 4
+            for (int v = 0; v < NN_NRV; ++v) vstore(d + v * VW, vloadw(src + v * VW));
+          } else {
+            int64_t c = 0;
+            for (; c < cols; ++c) d[c] = tof(src[c]);
+            for (; c < NN_NR; ++c) d[c] = 0.f;
+          }
+        }
+      }
+      for (int64_t m = 0; m < p.M; m += NN_MR) {
+        const int mr = static_cast<int>(p.M - m < NN_MR ? p.M - m : int64_t(NN_MR));
+        const float* xm = p.x + m * p.ldx + kc;
+        for (int64_t j = 0; j < npanels; ++j) {
+          const int nr = static_cast<int>(ncl - j * NN_NR < NN_NR ? ncl - j * NN_NR : int64_t(NN_NR));
+          micro[mr](xm, p.ldx, packed + j * NN_KC * NN_NR, kl, p.out + m * p.N + nc + j * NN_NR, p.N, nr, kc > 0);
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------- dispatch ----------------------------------------------
+static int linear(const Problem& p, bool nt) {
+  if (p.M == 0 || p.N == 0) return 0;
+  if (p.K == 0) {
+    memset(p.out, 0, sizeof(float) * p.M * p.N);
+    return 0;
+  }
+  Ctx ctx;
+  ctx.p = p;
+  if (p.M >= 2) {  // x's rows at a stride that spreads them over L1 sets
+    const int64_t ldx = vg::padded_stride(p.K);
+    float* xb = vg::scratch(0, static_cast<size_t>(p.M) * ldx);
+    if (!xb) return 2;
+    for (int64_t m = 0; m < p.M; ++m) memcpy(xb + m * ldx, p.x + m * p.K, sizeof(float) * p.K);
+    ctx.p.x = xb;
+    ctx.p.ldx = ldx;
+  }
+  const double flops = 2.0 * p.M * p.N * p.K;
+  vg::JobFn fn;
+  int64_t units;  // smallest pieces of N worth giving a thread
+  if (p.M <= 8) {
+    if (nt) {
+      fn = p.w_half ? &nt_decode_job<uint16_t> : &nt_decode_job<float>;
+      units = p.N / 8;
+    } else {
+      fn = p.w_half ? &nn_decode_job<uint16_t> : &nn_decode_job<float>;
+      units = p.N / (2 * VW);
+    }
+  } else if (nt) {
+    fn = p.w_half ? &nt_prefill_job<uint16_t> : &nt_prefill_job<float>;
+    units = p.N / NT_NR;
+  } else {
+    fn = p.w_half ? &nn_prefill_job<uint16_t> : &nn_prefill_job<float>;
+    units = p.N / NN_NR;
+  }
+  vg::pool()->run(vg::parts_for(flops, units), fn, &ctx);
+  return ctx.failed.load() ? 2 : 0;
+}
+
+}  // namespace VG_NS
+
+#endif  // VG_KERNEL_BODY
