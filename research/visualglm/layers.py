@@ -12,8 +12,21 @@ from mindspore.common.initializer import Normal, initializer
 MASKED_SCORE = -10000.0
 
 
+def cpu_kernel(transpose_b):
+    """The repository's CPU matmul kernel (research/visualglm/kernels) when the model is built for the CPU,
+    else None: every other device keeps MindSpore's MatMul."""
+    if ms.get_context("device_target") != "CPU":
+        return None
+    from visualglm.kernels import linear_op
+    return linear_op(transpose_b)
+
+
 class Linear(nn.Cell):
-    """y = x·Wᵀ + b with W stored `[out, in]` (transpose_b=True, like torch) or `[in, out]`."""
+    """y = x·Wᵀ + b with W stored `[out, in]` (transpose_b=True, like torch) or `[in, out]`.
+
+    On the CPU, at inference, the product runs in the repository's CPU kernel (float32 accumulation, fp16 or
+    fp32 weights read as stored): in GRAPH mode MindSpore's CPU MatMul keeps a float32 copy of every fp16
+    weight, and it reads a weight slowly for a single row. Training and other devices use MatMul."""
 
     def __init__(self, in_channels, out_channels, has_bias=True, transpose_b=True,
                  param_init_type=ms.float32, compute_dtype=ms.float32):
@@ -27,13 +40,21 @@ class Linear(nn.Cell):
         self.bias = Parameter(initializer("zeros", (out_channels,), param_init_type), name="bias") \
             if has_bias else None
         self.matmul = ops.MatMul(transpose_b=transpose_b)
+        self.kernel = cpu_kernel(transpose_b)
 
     def construct(self, x):
         out_shape = x.shape[:-1] + (self.out_channels,)
-        y = self.matmul(x.reshape(-1, self.in_channels).astype(self.compute_dtype),
-                        self.weight.astype(self.compute_dtype))
+        x = x.reshape(-1, self.in_channels)
+        if self.kernel is not None and not self.training:
+            y = self.kernel(x.astype(ms.float32), self.weight)
+            if self.has_bias:
+                # BiasAdd, not a broadcasting `+`: on the CPU the latter's workspace stays allocated for the
+                # graph's lifetime in GRAPH mode (measured: one activation per Linear).
+                y = ops.bias_add(y, self.bias.astype(ms.float32))
+            return y.astype(self.compute_dtype).reshape(out_shape)
+        y = self.matmul(x.astype(self.compute_dtype), self.weight.astype(self.compute_dtype))
         if self.has_bias:
-            y = y + self.bias.astype(self.compute_dtype)
+            y = ops.bias_add(y, self.bias.astype(self.compute_dtype))
         return y.reshape(out_shape)
 
 
