@@ -32,7 +32,7 @@ import time
 
 os.environ.setdefault("LOCAL_DEFAULT_PATH", os.path.join(tempfile.gettempdir(), "visualglm-bench-output"))
 
-import numpy as np  # noqa: E402
+import numpy as np  # noqa: E402  (after LOCAL_DEFAULT_PATH, like every import below)
 
 GLM = [("qkv", 12288, 4096), ("dense", 4096, 4096), ("h_to_4h", 16384, 4096), ("4h_to_h", 4096, 16384),
        ("lm_head", 130528, 4096)]
@@ -90,7 +90,7 @@ def torch_child(spec):
         ws = [torch.from_numpy(w) for w in weights(n, k, transpose_b, "float32", m)]
         x = torch.from_numpy(np.random.default_rng(1).standard_normal((m, k), dtype=np.float32))
         with torch.inference_mode():
-            calls = [(lambda w=w: F.linear(x, w)) if transpose_b else (lambda w=w: x @ w) for w in ws]
+            calls = [(lambda w=w, x=x: F.linear(x, w)) if transpose_b else (lambda w=w, x=x: x @ w) for w in ws]
             out.append(median_time(calls, spec["reps"]))
         del ws
     print("TORCH " + json.dumps(out))
@@ -175,16 +175,17 @@ def main():
         ws = weights(n, k, transpose_b, dtype, m)
         params = [Parameter(Tensor(w), name=f"w{i}", requires_grad=False) for i, w in enumerate(ws)]
         x = Tensor(np.random.default_rng(1).standard_normal((m, k), dtype=np.float32))
-        ours = median_time([lambda c=Ours(p, transpose_b): c(x).asnumpy() for p in params], args.reps)
+        def timed(cells, x=x):
+            return median_time([lambda c=c: c(x).asnumpy() for c in cells], args.reps)
+
+        ours = timed([Ours(p, transpose_b) for p in params])
         ms16 = ms32 = None
         if not args.no_ms:
             if dtype == "float16":
-                ms16 = median_time([lambda c=MatMul(p, transpose_b, ms.float16): c(x).asnumpy() for p in params],
-                                   args.reps)
-            ms32 = median_time([lambda c=MatMul(p, transpose_b, ms.float32): c(x).asnumpy() for p in params],
-                               args.reps)
-        results.append(dict(name=name, n=n, k=k, transpose_b=transpose_b, dtype=dtype, m=m,
-                            bytes=ws[0].nbytes, ours=ours, ms16=ms16, ms32=ms32))
+                ms16 = timed([MatMul(p, transpose_b, ms.float16) for p in params])
+            ms32 = timed([MatMul(p, transpose_b, ms.float32) for p in params])
+        results.append({"name": name, "n": n, "k": k, "transpose_b": transpose_b, "dtype": dtype, "m": m,
+                        "bytes": ws[0].nbytes, "ours": ours, "ms16": ms16, "ms32": ms32})
         del params, ws
         print(f"  {name} {dtype} M={m}: ours {ours * 1e3:.2f} ms", file=sys.stderr, flush=True)
 
@@ -210,7 +211,7 @@ def main():
     for r in results:
         others = [t for t in (r.get("ms16"), r.get("ms32"), r.get("torch")) if t]
         speedup = f"{min(others) / r['ours']:6.2f}x" if others else ""
-        print(f"{r['name']:>9} {str([r['n'], r['k']]):>14} {'[N,K]' if r['transpose_b'] else '[K,N]':>6} "
+        print(f"{r['name']:>9} {[r['n'], r['k']]!s:>14} {'[N,K]' if r['transpose_b'] else '[K,N]':>6} "
               f"{r['dtype']:>7} {r['m']:>4} | " + " | ".join(
                   fmt(r.get(c), r) for c in ("ours", "ms16", "ms32", "torch")) + f" | {speedup}")
     print(f"\nload average (1 min) after the run: {os.getloadavg()[0]:.2f}")

@@ -8,7 +8,7 @@ import stat
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
@@ -35,7 +35,7 @@ def op_for(path, transpose_b):
         pytest.skip(f"this CPU cannot run the {path} path")
 
 
-@lru_cache(maxsize=None)
+@cache
 def case(m, k, n, transpose_b, wdtype):
     """x [m, k] float32, w (layout, dtype; the same for every m) and the float64 reference of x · Wᵀ from w's
     own values."""
@@ -136,21 +136,50 @@ def test_pynative_equals_graph_and_leading_dims():
         assert rel_err(y_graph, ref) < TOL
 
 
+def squared_sum(net):
+    def loss(inp):
+        return (net(inp) ** 2).sum()
+    return loss
+
+
 def test_gradient():
     """bprop: dx by the kernel (other layout), dW by MatMul in float32, cast to the weight's dtype."""
     for transpose_b in (True, False):
         op_for(None, transpose_b)
         x, w, ref = case(6, 40, 24, transpose_b, np.float32)
         net = Linear(w, transpose_b)
-
-        def loss(inp):
-            return (net(inp) ** 2).sum()
-
-        dx, (dw,) = ms.grad(loss, grad_position=0, weights=net.trainable_params())(Tensor(x))
+        dx, (dw,) = ms.grad(squared_sum(net), grad_position=0, weights=net.trainable_params())(Tensor(x))
         dy = 2 * ref
         w64 = w.astype(np.float64)
         assert rel_err(dx.asnumpy(), dy @ (w64 if transpose_b else w64.T)) < TOL
         assert rel_err(dw.asnumpy(), dy.T @ x if transpose_b else x.T.astype(np.float64) @ dy) < TOL
+
+
+def test_concurrent_callers():
+    """Calls from several threads at once (the pool serves one; the others run on their own thread), straight
+    into the library with ctypes (which releases the GIL), every result checked."""
+    import ctypes
+    if kernels.kernel_path() is None:
+        pytest.skip("no CPU kernel on this machine")
+    func = getattr(ctypes.CDLL(kernels._library), f"vg_linear_nt_{kernels.kernel_path()}")
+
+    def call(x, w):
+        out = np.empty((x.shape[0], w.shape[0]), np.float32)
+        arrays = (x, w, out)
+        dims = [(ctypes.c_int64 * 2)(*a.shape) for a in arrays]
+        rc = func(3, (ctypes.c_void_p * 3)(*(a.ctypes.data for a in arrays)), (ctypes.c_int * 3)(2, 2, 2),
+                  (ctypes.POINTER(ctypes.c_int64) * 3)(*(ctypes.cast(d, ctypes.POINTER(ctypes.c_int64)) for d in dims)),
+                  (ctypes.c_char_p * 3)(*(a.dtype.name.encode() for a in arrays)), None, None)
+        assert rc == 0
+        return out
+
+    jobs = [case(m, 256, 2000, True, wdtype) for m in (1, 3, 9) for wdtype in (np.float16, np.float32)]
+
+    def worker(i):
+        return max(rel_err(call(*jobs[(i + j) % len(jobs)][:2]), jobs[(i + j) % len(jobs)][2]) for j in range(60))
+
+    with ThreadPoolExecutor(4) as pool:
+        assert max(pool.map(worker, range(4))) < TOL
 
 
 # ---------------------------------------------------------------------------------- fresh processes

@@ -14,12 +14,14 @@
 // under `#pragma GCC target("avx2,fma,f16c")` and once under an AVX-512 target, into two namespaces, so the
 // library loads on any x86-64 CPU and only the path the loader picks (after checking vg_cpu_features) runs.
 //
-// Work split: the N dimension is divided among the threads of a small persistent pool (the calling thread
-// plus nthreads-1 workers that spin briefly, then sleep on a futex). Thread count: VISUALGLM_KERNEL_THREADS,
-// else the number of CPUs in the process's affinity mask.
+// Work split: the N dimension is cut into up to 8 chunks per thread, which the threads of a small persistent
+// pool (the calling thread plus nthreads-1 workers that spin VISUALGLM_KERNEL_SPIN_US, default 100 us, then
+// sleep on a futex) claim one at a time. Thread count: VISUALGLM_KERNEL_THREADS, else the number of CPUs in
+// the process's affinity mask. Jobs under 0.2 MFLOP run on the calling thread alone.
 //   M <= 8 rows  ("decode"): every weight element is read once for all rows, bandwidth-bound.
-//   M >  8 rows  ("prefill"): blocked for cache reuse; fp16 weights are converted block by block into a
-//                per-thread fp32 buffer that all rows reuse.
+//   M >  8 rows  ("prefill"): blocked for cache reuse; weight blocks are converted (fp16) or copied (fp32)
+//                into a per-thread fp32 buffer that all rows reuse.
+// Rows of x (M >= 2) and of weight blocks are copied at a padded stride: rows 4 KB apart share one L1 set.
 
 #ifndef VG_KERNEL_BODY
 #include <immintrin.h>
@@ -44,11 +46,19 @@
 
 namespace vg {
 
-typedef void (*JobFn)(void* ctx, int part, int parts);
+typedef void (*JobFn)(void* ctx, int chunk, int chunks);
 
 // ------------------------------------------------------------------------------------------------------
-// Thread pool: `n` participants = the caller + n-1 workers. run() hands out parts 0..parts-1; the caller
-// does part 0. One job at a time; a second caller that finds the pool busy runs its parts itself.
+// Thread pool: `n` participants = the caller + n-1 workers. run(chunks, fn, ctx) calls fn(ctx, c, chunks) once
+// for every chunk c; the caller and the workers claim chunks from a shared counter, so a participant that
+// the OS has descheduled (other processes on the machine) delays the call by at most the chunk it holds,
+// and a worker that wakes late finds nothing left and touches nothing. One job at a time; a second caller
+// that finds the pool busy runs its chunks itself.
+//
+// Job state: next_ = (generation << 32) | next unclaimed chunk; desc_[generation & 1] = the job's fn, ctx and
+// chunk count, written before next_ is published. A claim is a CAS on next_ with the generation it read;
+// when it succeeds the job is still running (it cannot finish with a chunk unclaimed), so the descriptor read
+// before the CAS was that job's (overwriting that slot needs two later jobs, which would have changed next_).
 // ------------------------------------------------------------------------------------------------------
 static long futex_op(std::atomic<uint32_t>* addr, int op, uint32_t val) {
   return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op | FUTEX_PRIVATE_FLAG, val, nullptr, nullptr, 0);
@@ -61,7 +71,7 @@ static int env_int(const char* name, int fallback) {
   if (!s || !*s) return fallback;
   char* end = nullptr;
   long v = strtol(s, &end, 10);
-  if (end == s || v < 0 || v > 4096) return fallback;
+  if (end == s || v < 0 || v > 1000000) return fallback;
   return static_cast<int>(v);
 }
 
@@ -69,73 +79,95 @@ class Pool {
  public:
   explicit Pool(int n) : n_(n) {
     spin_ns_ = static_cast<int64_t>(env_int("VISUALGLM_KERNEL_SPIN_US", 100)) * 1000;
-    for (int i = 1; i < n_; ++i) std::thread(&Pool::worker, this, i).detach();  // never joined: lives as long as the process
+    for (int i = 1; i < n_; ++i) std::thread(&Pool::worker, this).detach();  // lives as long as the process
   }
   int size() const { return n_; }
 
-  void run(int parts, JobFn fn, void* ctx) {
-    if (parts <= 1 || n_ <= 1) {
-      for (int p = 0; p < parts; ++p) fn(ctx, p, parts);
+  void run(int chunks, JobFn fn, void* ctx) {
+    if (chunks <= 1 || n_ <= 1) {
+      for (int c = 0; c < chunks; ++c) fn(ctx, c, chunks);
       return;
     }
-    if (parts > n_) parts = n_;
     std::unique_lock<std::mutex> lock(busy_, std::try_to_lock);
     if (!lock.owns_lock()) {  // another thread's call is using the pool: do the work here
-      for (int p = 0; p < parts; ++p) fn(ctx, p, parts);
+      for (int c = 0; c < chunks; ++c) fn(ctx, c, chunks);
       return;
     }
-    fn_ = fn;
-    ctx_ = ctx;
-    parts_ = parts;
-    remaining_.store(n_ - 1, std::memory_order_relaxed);
-    gen_.fetch_add(1, std::memory_order_seq_cst);
-    if (sleepers_.load(std::memory_order_seq_cst) > 0) futex_op(&gen_, FUTEX_WAKE, INT_MAX);
-    fn(ctx, 0, parts);
-    wait_done();
+    const uint32_t g = ++gen_;
+    Desc& d = desc_[g & 1];
+    d.fn.store(fn, std::memory_order_relaxed);
+    d.ctx.store(ctx, std::memory_order_relaxed);
+    d.total.store(static_cast<uint32_t>(chunks), std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    next_.store(static_cast<uint64_t>(g) << 32, std::memory_order_release);
+    wake_.store(g, std::memory_order_seq_cst);
+    if (sleepers_.load(std::memory_order_seq_cst) > 0) futex_op(&wake_, FUTEX_WAKE, INT_MAX);
+    work(g);
+    for (int i = 0; done_.load(std::memory_order_acquire) != static_cast<uint32_t>(chunks); ++i) {
+      if (i < (1 << 14)) cpu_relax(); else sched_yield();  // chunks still running on workers
+    }
   }
 
  private:
-  void wait_done() {
-    for (int i = 0; remaining_.load(std::memory_order_acquire) != 0; ++i) {
-      if (i < (1 << 16)) cpu_relax(); else sched_yield();
+  struct Desc {
+    std::atomic<JobFn> fn{nullptr};
+    std::atomic<void*> ctx{nullptr};
+    std::atomic<uint32_t> total{0};
+  };
+
+  // Claims and runs chunks of job g until it has none left (or a newer job replaced it).
+  void work(uint32_t g) {
+    uint64_t v = next_.load(std::memory_order_acquire);
+    for (;;) {
+      if (static_cast<uint32_t>(v >> 32) != g) return;
+      const Desc& d = desc_[g & 1];
+      JobFn fn = d.fn.load(std::memory_order_relaxed);
+      void* ctx = d.ctx.load(std::memory_order_relaxed);
+      const uint32_t total = d.total.load(std::memory_order_relaxed);
+      const uint32_t idx = static_cast<uint32_t>(v);
+      if (idx >= total) return;
+      if (next_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        fn(ctx, static_cast<int>(idx), static_cast<int>(total));
+        done_.fetch_add(1, std::memory_order_acq_rel);
+        v = next_.load(std::memory_order_acquire);
+      }
     }
   }
 
-  void worker(int id) {
-    uint32_t seen = 0;  // gen_'s value before any job (a job may be posted before this thread starts)
+  void worker() {
+    uint32_t seen = 0;  // wake_'s value before any job (a job may be posted before this thread starts)
     for (;;) {
-      uint32_t g = gen_.load(std::memory_order_acquire);
+      uint32_t g = wake_.load(std::memory_order_acquire);
       if (g == seen) {
         auto start = std::chrono::steady_clock::now();
         for (int i = 0;; ++i) {
           cpu_relax();
-          g = gen_.load(std::memory_order_acquire);
+          g = wake_.load(std::memory_order_acquire);
           if (g != seen) break;
           if ((i & 255) == 255 && std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(spin_ns_)) break;
         }
         while (g == seen) {
           sleepers_.fetch_add(1, std::memory_order_seq_cst);
-          g = gen_.load(std::memory_order_seq_cst);
-          if (g == seen) futex_op(&gen_, FUTEX_WAIT, seen);
+          g = wake_.load(std::memory_order_seq_cst);
+          if (g == seen) futex_op(&wake_, FUTEX_WAIT, seen);
           sleepers_.fetch_sub(1, std::memory_order_seq_cst);
-          g = gen_.load(std::memory_order_acquire);
+          g = wake_.load(std::memory_order_acquire);
         }
       }
       seen = g;
-      if (id < parts_) fn_(ctx_, id, parts_);
-      remaining_.fetch_sub(1, std::memory_order_acq_rel);
+      work(g);
     }
   }
 
   const int n_;
   int64_t spin_ns_ = 0;
   std::mutex busy_;
-  std::atomic<uint32_t> gen_{0};
-  std::atomic<int> remaining_{0};
+  uint32_t gen_ = 0;                   // the last job's generation (written under busy_)
+  Desc desc_[2];
+  std::atomic<uint64_t> next_{0};
+  std::atomic<uint32_t> done_{0};
+  std::atomic<uint32_t> wake_{0};
   std::atomic<int> sleepers_{0};
-  JobFn fn_ = nullptr;
-  void* ctx_ = nullptr;
-  int parts_ = 0;
 };
 
 static int default_threads() {
@@ -167,16 +199,16 @@ static Pool* pool() {
   return p;
 }
 
-// Splits [0, n) into `parts` contiguous ranges whose starts are multiples of `align`.
-static inline void split_range(int64_t n, int64_t align, int part, int parts, int64_t* begin, int64_t* end) {
+// Splits [0, n) into `chunks` contiguous ranges whose starts are multiples of `align`: the range of `chunk`.
+static inline void split_range(int64_t n, int64_t align, int chunk, int chunks, int64_t* begin, int64_t* end) {
   int64_t units = (n + align - 1) / align;
-  int64_t b = units * part / parts, e = units * (part + 1) / parts;
+  int64_t b = units * chunk / chunks, e = units * (chunk + 1) / chunks;
   *begin = b * align < n ? b * align : n;
   *end = e * align < n ? e * align : n;
 }
 
 // Per-thread scratch (64-byte aligned), grown on demand and kept: slot 0 holds the calling thread's padded
-// copy of x (read by all parts), slot 1 a part's weight block.
+// copy of x (read by all threads), slot 1 a chunk's weight block.
 static float* scratch(int slot, size_t floats) {
   thread_local float* buf[2] = {nullptr, nullptr};
   thread_local size_t cap[2] = {0, 0};
@@ -234,12 +266,14 @@ static bool parse(int nparam, void** params, int* ndims, int64_t** shapes, const
   return true;
 }
 
-// Parts worth using for `flops` of work (tiny problems are not worth waking a thread for).
-static int parts_for(double flops, int64_t units) {
-  int n = pool()->size();
-  if (flops < 2.0e5) n = 1;
-  if (units < n) n = static_cast<int>(units > 0 ? units : 1);
-  return n;
+// How many chunks to cut a job of `flops` into, given `units` = the most pieces its N dimension splits into:
+// 1 (run inline) for tiny jobs, else up to 8 per thread, so that a descheduled thread holds up little.
+static int chunks_for(double flops, int64_t units) {
+  const int n = pool()->size();
+  if (n <= 1 || flops < 2.0e5 || units <= 1) return 1;
+  int64_t chunks = 8LL * n;
+  if (chunks > units) chunks = units;
+  return static_cast<int>(chunks);
 }
 
 }  // namespace vg
@@ -318,7 +352,9 @@ constexpr int VW = 16;
 static inline V vzero() { return _mm512_setzero_ps(); }
 static inline V vload(const float* p) { return _mm512_loadu_ps(p); }
 static inline V vloadw(const float* p) { return _mm512_loadu_ps(p); }
-static inline V vloadw(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+static inline V vloadw(const uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 static inline V vbcast(const float* p) { return _mm512_set1_ps(*p); }
 static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 static inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
@@ -328,7 +364,9 @@ static inline __m256 half_sum(V v) {
                        _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 // Tile shapes. Decode (dot products along K): MR rows x NR weight rows, MR*NR + NR + 1 <= 32 registers.
-template <int M> struct DecodeNR { static constexpr int value = M <= 2 ? 8 : M <= 4 ? 6 : M == 5 ? 5 : M == 6 ? 4 : 3; };
+template <int M> struct DecodeNR {
+  static constexpr int value = M <= 2 ? 8 : M <= 4 ? 6 : M == 5 ? 5 : M == 6 ? 4 : 3;
+};
 constexpr int NT_MR = 4, NT_NR = 6;    // prefill, nt layout (dot products on fp32 blocks)
 constexpr int NN_MR = 12, NN_NRV = 2;  // prefill, nn layout: 12 rows x 32 columns
 #else
@@ -337,7 +375,9 @@ constexpr int VW = 8;
 static inline V vzero() { return _mm256_setzero_ps(); }
 static inline V vload(const float* p) { return _mm256_loadu_ps(p); }
 static inline V vloadw(const float* p) { return _mm256_loadu_ps(p); }
-static inline V vloadw(const uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+static inline V vloadw(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 static inline V vbcast(const float* p) { return _mm256_broadcast_ss(p); }
 static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 static inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
@@ -380,12 +420,6 @@ static void dot_tile(const float* x, int64_t ldx, const WT* w, int64_t ldw, int6
   const int64_t kv = K - K % VW;
   for (int64_t k = 0; k < kv; k += VW) {
     V wv[NR];
-#ifdef VG_PF
-    if (((k * sizeof(WT)) & 63) == 0) {
-#pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + k) + VG_PF, _MM_HINT_T0);
-    }
-#endif
 #pragma GCC unroll 8
     for (int r = 0; r < NR; ++r) wv[r] = vloadw(w + r * ldw + k);
 #pragma GCC unroll 8
@@ -417,14 +451,14 @@ static void dot_tile(const float* x, int64_t ldx, const WT* w, int64_t ldw, int6
 // ----------------------------------- nt layout, M <= 8 (decode) ------------------------------------
 struct Ctx {
   Problem p;
-  std::atomic<int> failed{0};  // a part that could not get its scratch buffer
+  std::atomic<int> failed{0};  // a chunk that could not get its scratch buffer
 };
 
 template <int M, typename WT>
-static void nt_decode_part(const Problem& p, int part, int parts) {
+static void nt_decode_part(const Problem& p, int chunk, int chunks) {
   constexpr int NR = DecodeNR<M>::value;
   int64_t n0, n1;
-  vg::split_range(p.N, NR, part, parts, &n0, &n1);
+  vg::split_range(p.N, NR, chunk, chunks, &n0, &n1);
   const WT* w = static_cast<const WT*>(p.w);
   int64_t n = n0;
   for (; n + NR <= n1; n += NR) dot_tile<M, NR, WT>(p.x, p.ldx, w + n * p.K, p.K, p.K, p.out + n, p.N, false);
@@ -432,17 +466,17 @@ static void nt_decode_part(const Problem& p, int part, int parts) {
 }
 
 template <typename WT>
-static void nt_decode_job(void* ctx, int part, int parts) {
+static void nt_decode_job(void* ctx, int chunk, int chunks) {
   const Problem& p = static_cast<Ctx*>(ctx)->p;
   switch (p.M) {
-    case 1: nt_decode_part<1, WT>(p, part, parts); break;
-    case 2: nt_decode_part<2, WT>(p, part, parts); break;
-    case 3: nt_decode_part<3, WT>(p, part, parts); break;
-    case 4: nt_decode_part<4, WT>(p, part, parts); break;
-    case 5: nt_decode_part<5, WT>(p, part, parts); break;
-    case 6: nt_decode_part<6, WT>(p, part, parts); break;
-    case 7: nt_decode_part<7, WT>(p, part, parts); break;
-    default: nt_decode_part<8, WT>(p, part, parts); break;
+    case 1: nt_decode_part<1, WT>(p, chunk, chunks); break;
+    case 2: nt_decode_part<2, WT>(p, chunk, chunks); break;
+    case 3: nt_decode_part<3, WT>(p, chunk, chunks); break;
+    case 4: nt_decode_part<4, WT>(p, chunk, chunks); break;
+    case 5: nt_decode_part<5, WT>(p, chunk, chunks); break;
+    case 6: nt_decode_part<6, WT>(p, chunk, chunks); break;
+    case 7: nt_decode_part<7, WT>(p, chunk, chunks); break;
+    default: nt_decode_part<8, WT>(p, chunk, chunks); break;
   }
 }
 
@@ -485,10 +519,10 @@ static void convert_rows(const WT* w, int64_t ldw, int64_t rows, int64_t cols, f
 }
 
 template <typename WT>
-static void nt_prefill_job(void* ctx, int part, int parts) {
+static void nt_prefill_job(void* ctx, int chunk, int chunks) {
   const Problem& p = static_cast<Ctx*>(ctx)->p;
   int64_t n0, n1;
-  vg::split_range(p.N, NT_NR, part, parts, &n0, &n1);
+  vg::split_range(p.N, NT_NR, chunk, chunks, &n0, &n1);
   const WT* w = static_cast<const WT*>(p.w);
   const int64_t ldb = vg::padded_stride(NT_KC);
   float* buf = vg::scratch(1, static_cast<size_t>(NT_NB) * ldb);
@@ -547,10 +581,10 @@ static inline void nn_decode_step(const float* x, int64_t ldx, const WT* w, int6
 }
 
 template <int M, typename WT>
-static void nn_decode_part(const Problem& p, int part, int parts) {
+static void nn_decode_part(const Problem& p, int chunk, int chunks) {
   constexpr int NV = (VW == 16 || M <= 6) ? 2 : 1;  // registers: M * NV accumulators + NV weights + 1
   int64_t n0, n1;
-  vg::split_range(p.N, NV * VW, part, parts, &n0, &n1);
+  vg::split_range(p.N, NV * VW, chunk, chunks, &n0, &n1);
   const WT* w = static_cast<const WT*>(p.w);
   const float* x = p.x;
   const int64_t K = p.K, N = p.N, ldx = p.ldx;
@@ -575,17 +609,17 @@ static void nn_decode_part(const Problem& p, int part, int parts) {
 }
 
 template <typename WT>
-static void nn_decode_job(void* ctx, int part, int parts) {
+static void nn_decode_job(void* ctx, int chunk, int chunks) {
   const Problem& p = static_cast<Ctx*>(ctx)->p;
   switch (p.M) {
-    case 1: nn_decode_part<1, WT>(p, part, parts); break;
-    case 2: nn_decode_part<2, WT>(p, part, parts); break;
-    case 3: nn_decode_part<3, WT>(p, part, parts); break;
-    case 4: nn_decode_part<4, WT>(p, part, parts); break;
-    case 5: nn_decode_part<5, WT>(p, part, parts); break;
-    case 6: nn_decode_part<6, WT>(p, part, parts); break;
-    case 7: nn_decode_part<7, WT>(p, part, parts); break;
-    default: nn_decode_part<8, WT>(p, part, parts); break;
+    case 1: nn_decode_part<1, WT>(p, chunk, chunks); break;
+    case 2: nn_decode_part<2, WT>(p, chunk, chunks); break;
+    case 3: nn_decode_part<3, WT>(p, chunk, chunks); break;
+    case 4: nn_decode_part<4, WT>(p, chunk, chunks); break;
+    case 5: nn_decode_part<5, WT>(p, chunk, chunks); break;
+    case 6: nn_decode_part<6, WT>(p, chunk, chunks); break;
+    case 7: nn_decode_part<7, WT>(p, chunk, chunks); break;
+    default: nn_decode_part<8, WT>(p, chunk, chunks); break;
   }
 }
 
@@ -641,12 +675,12 @@ static void fill_micro(MicroFn* table) {
 }
 
 template <typename WT>
-static void nn_prefill_job(void* ctx, int part, int parts) {
+static void nn_prefill_job(void* ctx, int chunk, int chunks) {
   const Problem& p = static_cast<Ctx*>(ctx)->p;
   MicroFn micro[NN_MR + 1];
   fill_micro<NN_MR>(micro);
   int64_t n0, n1;
-  vg::split_range(p.N, NN_NR, part, parts, &n0, &n1);
+  vg::split_range(p.N, NN_NR, chunk, chunks, &n0, &n1);
   const WT* w = static_cast<const WT*>(p.w);
   float* packed = vg::scratch(1, static_cast<size_t>(NN_KC) * NN_NC);
   if (!packed) {
@@ -710,7 +744,7 @@ static int linear(const Problem& p, bool nt) {
   if (p.M <= 8) {
     if (nt) {
       fn = p.w_half ? &nt_decode_job<uint16_t> : &nt_decode_job<float>;
-      units = p.N / 8;
+      units = p.N / 16;
     } else {
       fn = p.w_half ? &nn_decode_job<uint16_t> : &nn_decode_job<float>;
       units = p.N / (2 * VW);
@@ -722,7 +756,7 @@ static int linear(const Problem& p, bool nt) {
     fn = p.w_half ? &nn_prefill_job<uint16_t> : &nn_prefill_job<float>;
     units = p.N / NN_NR;
   }
-  vg::pool()->run(vg::parts_for(flops, units), fn, &ctx);
+  vg::pool()->run(vg::chunks_for(flops, units), fn, &ctx);
   return ctx.failed.load() ? 2 : 0;
 }
 
