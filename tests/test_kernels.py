@@ -136,6 +136,19 @@ def test_pynative_equals_graph_and_leading_dims():
         assert rel_err(y_graph, ref) < TOL
 
 
+def test_wrong_inputs_fail_at_shape_and_type_inference():
+    op = op_for(None, True)
+    x32, w32 = np.ones((2, 8), np.float32), np.ones((3, 8), np.float32)
+    with pytest.raises(TypeError, match="x must be float32"):
+        op(Tensor(x32.astype(np.float16)), Tensor(w32))
+    with pytest.raises(TypeError, match="w float16 or float32"):
+        op(Tensor(x32), Tensor(w32.astype(np.float64)))
+    with pytest.raises(ValueError, match="do not fit"):
+        op(Tensor(x32), Tensor(w32[:, :7]))
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.linear_op(False)(Tensor(x32), Tensor(w32))
+
+
 def squared_sum(net):
     def loss(inp):
         return (net(inp) ** 2).sum()

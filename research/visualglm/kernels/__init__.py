@@ -249,7 +249,8 @@ def linear_op(transpose_b=True, *, path=None):
     """A MindSpore primitive y = op(x, w): x [..., K] float32, w float16 or float32 of shape [N, K]
     (transpose_b=True) or [K, N] (transpose_b=False); y [..., N] float32. None when kernel_path() is None.
     Works in GRAPH mode (inside a Cell's construct) and in PyNative, and has a bprop (dx by the kernel, dW by
-    MindSpore's MatMul). One primitive per (path, layout), cached.
+    MindSpore's MatMul). Other dtypes or mismatched shapes raise TypeError/ValueError at shape inference (graph
+    compile, or the eager call). One primitive per (path, layout), cached.
     `path` ("avx512"/"avx2", for tests and benchmarks) runs that path instead of kernel_path()'s; ValueError if
     this CPU cannot run it."""
     chosen = kernel_path()
@@ -271,9 +272,17 @@ def _make_op(path, transpose_b):
     from mindspore import ops
 
     def out_shape(x_shape, w_shape):
-        return list(x_shape[:-1]) + [w_shape[0] if transpose_b else w_shape[1]]
+        k, n = (w_shape[1], w_shape[0]) if transpose_b else (w_shape[0], w_shape[1])
+        if len(x_shape) < 1 or len(w_shape) != 2 or (x_shape[-1] >= 0 and k >= 0 and x_shape[-1] != k):
+            raise ValueError(f"CPU linear kernel: x {list(x_shape)} and w {list(w_shape)} do not fit "
+                             f"({'[N, K]' if transpose_b else '[K, N]'} weights)")
+        return list(x_shape[:-1]) + [n]
 
-    def out_dtype(x_dtype, w_dtype):  # pylint: disable=unused-argument
+    def out_dtype(x_dtype, w_dtype):
+        x_dtype, w_dtype = (getattr(t, "element_type", lambda t=t: t)() for t in (x_dtype, w_dtype))
+        if x_dtype != ms.float32 or w_dtype not in (ms.float16, ms.float32):
+            raise TypeError(f"CPU linear kernel: x must be float32 and w float16 or float32, got {x_dtype} "
+                            f"and {w_dtype}")
         return ms.float32
 
     layout = "nt" if transpose_b else "nn"
