@@ -432,9 +432,12 @@ static void dot_tile(const float* x, int64_t ldx, const WT* w, int64_t ldw, int6
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     float s[NR];
-    int r = 0;
-    for (; r + 4 <= NR; r += 4) _mm_storeu_ps(s + r, sum4(acc[m][r], acc[m][r + 1], acc[m][r + 2], acc[m][r + 3]));
-    for (; r < NR; ++r) s[r] = sum1(acc[m][r]);
+#pragma GCC unroll 8
+    for (int r = 0; r < NR / 4 * 4; r += 4) {
+      _mm_storeu_ps(s + r, sum4(acc[m][r], acc[m][r + 1], acc[m][r + 2], acc[m][r + 3]));
+    }
+#pragma GCC unroll 8
+    for (int r = NR / 4 * 4; r < NR; ++r) s[r] = sum1(acc[m][r]);
     for (int64_t k = kv; k < K; ++k) {
       const float xk = x[m * ldx + k];
       for (int q = 0; q < NR; ++q) s[q] += xk * tof(w[q * ldw + k]);
@@ -656,12 +659,15 @@ static void nn_micro(const float* x, int64_t ldx, const float* panel, int64_t kl
         float* o = out + m * ldo + v * VW;
         vstore(o, accumulate ? vadd(vload(o), acc[m][v]) : acc[m][v]);
       }
-  } else {
-    alignas(64) float tmp[NN_NR];
+  } else {  // the last panel's first nr columns (registers indexed by constants only, so none is spilled)
+    alignas(64) float tmp[MR][NN_NR];
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+      for (int v = 0; v < NN_NRV; ++v) vstore(tmp[m] + v * VW, acc[m][v]);
     for (int m = 0; m < MR; ++m) {
-      for (int v = 0; v < NN_NRV; ++v) vstore(tmp + v * VW, acc[m][v]);
       float* o = out + m * ldo;
-      for (int c = 0; c < nr; ++c) o[c] = accumulate ? o[c] + tmp[c] : tmp[c];
+      for (int c = 0; c < nr; ++c) o[c] = accumulate ? o[c] + tmp[m][c] : tmp[m][c];
     }
   }
 }
