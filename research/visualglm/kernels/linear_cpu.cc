@@ -534,12 +534,22 @@ static void nt_prefill_job(void* ctx, int chunk, int chunks) {
     return;
   }
   DotFn full = nt_tile(NT_MR, NT_NR);
+  const int64_t mtiles = (p.M + NT_MR - 1) / NT_MR;
   for (int64_t kc = 0; kc < p.K; kc += NT_KC) {
     const int64_t kl = p.K - kc < NT_KC ? p.K - kc : NT_KC;
     for (int64_t nb = n0; nb < n1; nb += NT_NB) {
       const int64_t nbl = n1 - nb < NT_NB ? n1 - nb : NT_NB;
       convert_rows<WT>(w + nb * p.K + kc, p.K, nbl, kl, buf, ldb);  // fp32 copy, padded stride
-      for (int64_t m = 0; m < p.M; m += NT_MR) {
+      // The next block's weights are fetched into L2 while this one is multiplied, a few rows per x tile.
+      int64_t next_nb = nb + NT_NB, next_kc = kc;
+      if (next_nb >= n1) next_nb = n0, next_kc = kc + NT_KC;
+      const int64_t next_rows = next_kc < p.K ? (n1 - next_nb < NT_NB ? n1 - next_nb : NT_NB) : 0;
+      const int64_t next_bytes = (p.K - next_kc < NT_KC ? p.K - next_kc : NT_KC) * int64_t(sizeof(WT));
+      for (int64_t m = 0, tile = 0; m < p.M; m += NT_MR, ++tile) {
+        for (int64_t r = next_rows * tile / mtiles; r < next_rows * (tile + 1) / mtiles; ++r) {
+          const char* row = reinterpret_cast<const char*>(w + (next_nb + r) * p.K + next_kc);
+          for (int64_t b = 0; b < next_bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
+        }
         const int mr = static_cast<int>(p.M - m < NT_MR ? p.M - m : int64_t(NT_MR));
         const float* xm = p.x + m * p.ldx + kc;
         float* om = p.out + m * p.N + nb;
