@@ -95,7 +95,8 @@ def test_mismatched_lora_checkpoint_names_the_parameters(lora_setup, chatglm_tok
     result = _run("run_visualglm_with_lora.py", "--config", lora_setup["lora_yaml"], "--lora_checkpoint", path,
                   "--device_target", "CPU", *_inputs())
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    # the model was built before the LoRA file was compared with it: the CPU kernel's one log line may precede
+    errors = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("[visualglm.kernels]")]
     assert len(errors) == 1 and errors[0].startswith("error: LoRA checkpoint does not match")
     assert "llm_model.transformer.layers.0.attention.query_key_value.mindpet_delta_lora_a" in errors[0]
     assert "(8, 96)" in errors[0] and "(4, 96)" in errors[0]

@@ -214,6 +214,8 @@ def test_bad_inputs_fail_before_any_model_is_built(tiny_yaml, tmp_path, capsys, 
         (["--device_target", "GPU"], ["unknown device target 'GPU'"]),
         (["--batch_size", "0"], ["--batch_size must be >= 1"]),
         (["--temperature", "0"], ["temperature must be > 0"]),
+        (["--min_new_tokens", "-1"], ["min_new_tokens must be >= 0, got -1"]),
+        (["--min_new_tokens", "9", "--max_new_tokens", "8"], ["min_new_tokens 9 exceeds max_new_tokens 8"]),
     ]
     for args, fragments in cases:
         code, _, err = run_in_process(base + args, capsys)
@@ -251,7 +253,8 @@ def test_lengths_are_checked_before_the_model_is_built_and_never_capped(tiny_yam
     cases = [(["--prompt", "图中有几个三角形？" * 40], ["has", "tokens and leaves no room", "seq_length 128"]),
              (["--max_length", "500"], ["max_length 500 exceeds the model's seq_length 128"]),
              (["--max_new_tokens", "120"], ["max_new_tokens 120 exceeds the model's seq_length 128"]),
-             (["--seq_length", "40"], ["seq_length 40"])]
+             (["--seq_length", "40"], ["seq_length 40"]),
+             (["--min_new_tokens", "120"], ["min_new_tokens 120 exceeds 128 tokens (seq_length 128)"])]
     for args, fragments in cases:
         code, _, err = run_in_process(["--config", tiny_yaml, *args], capsys)
         assert_one_line_error(code, err, *fragments)
@@ -272,6 +275,20 @@ def test_whole_model_checkpoint_replaces_the_yaml_parts(tmp_path, capsys, engine
     assert code == 0, err
     assert out.splitlines()[0].startswith("Namespace(")
     assert responses(out) == [expected(engine, PAIRS[1:2])]
+
+
+def test_min_new_tokens_decodes_at_least_that_many_tokens(tiny_yaml, capsys, engine):
+    """--min_new_tokens: the answer is the greedy answer with the end token banned until then (equal to the
+    engine's), and with min = max exactly that many tokens are decoded."""
+    argv = ["--config", tiny_yaml, "--image_path", PAIRS[0][0], "--prompt", PAIRS[0][1], "--min_new_tokens", "12",
+            "--max_new_tokens", "12", "--device_target", "CPU"]
+    code, out, err = run_in_process(argv, capsys)
+    assert code == 0, err
+    answer = expected(engine, PAIRS[:1], min_new_tokens=12, max_new_tokens=12)
+    assert responses(out) == [answer]
+    steps = list(engine.stream_ids([(str(REPO / PAIRS[0][0]), PAIRS[0][1], None)], min_new_tokens=12,
+                                   max_new_tokens=12))
+    assert len(steps) == 12 and len(steps[-1][0]) == 12   # 12 steps, none of them the end token
 
 
 # ----------------------------------------------------------------------------------------------- subprocesses
