@@ -1,6 +1,7 @@
 """Speed of the CPU linear kernel (research/visualglm/kernels) against MindSpore's MatMul and torch.
 
-    python benchmarks/bench_kernels.py [--path avx512|avx2] [--reps 7] [--quick] [--no_torch]
+    python benchmarks/bench_kernels.py [--path avx512|avx2] [--reps 7] [--quick] [--no_torch] [--no_ms]
+                                       [--only lm_head] [--rows 1,8] [--threads 2]
 
 Every figure is the median of `--reps` timed calls after two warm-up calls, each call synchronised
 (`.asnumpy()` of its output, at most 8 x 130528 floats for decode rows). GB/s = weight bytes / time (the
@@ -150,6 +151,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="M = 1, 8 and 64 only")
     parser.add_argument("--no_torch", action="store_true")
     parser.add_argument("--no_ms", action="store_true", help="skip MindSpore's MatMul (ours only)")
+    parser.add_argument("--only", help="rows whose weight name contains this (e.g. lm_head, vit)")
+    parser.add_argument("--rows", help="comma-separated M values to keep (e.g. 1,8)")
     parser.add_argument("--torch_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torch_child:
@@ -168,7 +171,8 @@ def main():
         sys.exit("no CPU kernel on this machine (see the log line above)")
     path = args.path or chosen
     Ours, MatMul = build_cells(path)
-    rows = cases(args.quick)
+    rows = [r for r in cases(args.quick) if (not args.only or args.only in r[0])
+            and (not args.rows or str(r[5]) in args.rows.split(","))]
 
     results = []
     for name, n, k, transpose_b, dtype, m in rows:
