@@ -6,17 +6,19 @@
 
 Public API:
     kernel_path() -> "avx512" | "avx2" | None
-    linear_op(transpose_b) -> primitive | None: op(x [..., K] float32, w) -> [..., N] float32 with
-        w [N, K] (transpose_b=True, torch Linear layout) or [K, N] (transpose_b=False), float16 or float32.
+    linear_op(transpose_b, *, path=None) -> primitive | None: op(x [..., K] float32, w) -> [..., N] float32 with
+        w [N, K] (transpose_b=True, torch Linear layout) or [K, N] (transpose_b=False), float16 or float32 (a
+        Parameter as stored: no cast, no copy). `path` forces one of the CPU's paths (tests, benchmarks).
 
 Environment:
     VISUALGLM_CPU_KERNEL     auto (default) | avx512 | avx2 | off. A path this CPU lacks falls back to the best
-                             available one, with a warning (the one log line says so).
+                             available one, with a warning (the one log line says so); any other value is a
+                             ValueError from kernel_path().
     CXX                      the compiler (default g++).
     VISUALGLM_KERNEL_CACHE   the cache folder (default ~/.cache/visualglm/kernels); builds go in a
                              sub-folder named by a hash of source, compiler and flags.
     VISUALGLM_KERNEL_THREADS threads per call (default: the CPUs in the process's affinity mask). Read once,
-                             when the library first runs.
+                             when the library first runs (several processes on one machine: give each its share).
     VISUALGLM_KERNEL_SPIN_US how long idle workers spin before sleeping (default 100).
 
 Exactly one log line per process says which path runs and why; anything that goes wrong while building or
@@ -69,7 +71,12 @@ def _log(level, message):
 
 
 class _Unavailable(Exception):
-    """Why the kernel cannot run here (the text goes into the log line)."""
+    """Why the kernel cannot run here (the text goes into the log line): INFO for what the machine lacks,
+    WARNING for what failed."""
+
+    def __init__(self, reason, level=logging.INFO):
+        super().__init__(reason)
+        self.level = level
 
 
 def _requested():
@@ -139,7 +146,7 @@ def _build():
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise _Unavailable(f"cannot create cache folder {folder}: {err}") from None
+        raise _Unavailable(f"cannot create cache folder {folder}: {err}", logging.WARNING) from None
     with _file_lock(folder / ".lock"):
         if library.is_file():  # another process built it while we waited
             return library
@@ -152,11 +159,12 @@ def _build():
                 (folder / "build.log").write_text(result.stdout + result.stderr, encoding="utf-8")
                 lines = [line for line in result.stderr.splitlines() if "error" in line] or \
                     result.stderr.splitlines() or [f"exit code {result.returncode}"]
-                raise _Unavailable(f"compile failed: {lines[0].strip()[:200]}; log in {folder / 'build.log'}")
+                raise _Unavailable(f"compile failed: {lines[0].strip()[:200]}; log in {folder / 'build.log'}",
+                                   logging.WARNING)
             os.chmod(temp, 0o755)
             os.replace(temp, library)
         except (OSError, subprocess.SubprocessError) as err:
-            raise _Unavailable(f"compile failed: {err}") from None
+            raise _Unavailable(f"compile failed: {err}", logging.WARNING) from None
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
@@ -182,11 +190,11 @@ def _self_test(lib, path):
                 dtypes = (ctypes.c_char_p * 3)(*(a.dtype.name.encode() for a in arrays))
                 func = getattr(lib, f"vg_linear_{'nt' if nt else 'nn'}_{path}")
                 if func(3, params, ndims, shapes, dtypes, None, None) != 0:
-                    raise _Unavailable("self-test: the kernel refused its arguments")
+                    raise _Unavailable("self-test: the kernel refused its arguments", logging.WARNING)
                 w64 = w.astype(np.float64)
                 ref = x.astype(np.float64) @ (w64.T if nt else w64)
                 if not np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max()):
-                    raise _Unavailable("self-test: wrong results")
+                    raise _Unavailable("self-test: wrong results", logging.WARNING)
 
 
 def _resolve():
@@ -206,10 +214,10 @@ def _resolve():
         library = _build()
         white_list = os.environ.get("MS_CUSTOM_AOT_WHITE_LIST")
         if white_list and os.path.realpath(white_list) not in os.path.realpath(library):
-            raise _Unavailable(f"{library} is outside MS_CUSTOM_AOT_WHITE_LIST={white_list}")
+            raise _Unavailable(f"{library} is outside MS_CUSTOM_AOT_WHITE_LIST={white_list}", logging.WARNING)
         lib = ctypes.CDLL(str(library))
         if lib.vg_abi_version() != ABI_VERSION:
-            raise _Unavailable(f"{library} has ABI {lib.vg_abi_version()}, expected {ABI_VERSION}")
+            raise _Unavailable(f"{library} has ABI {lib.vg_abi_version()}, expected {ABI_VERSION}", logging.WARNING)
         features = lib.vg_cpu_features()
         available = [p for p in PATHS if features & _FEATURE_BITS[p]]
         if not available:
@@ -224,7 +232,7 @@ def _resolve():
         threads = lib.vg_num_threads()
     except _Unavailable as why:
         _resolved = True
-        _log(logging.WARNING if requested != "auto" else logging.INFO,
+        _log(logging.WARNING if requested != "auto" else why.level,
              f"CPU linear kernel unavailable ({why}): using MindSpore MatMul")
         return
     except Exception as err:  # noqa: BLE001 - whatever goes wrong here must not take the model down
