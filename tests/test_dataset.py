@@ -339,3 +339,19 @@ def test_shipped_finetune_dataset(chatglm_tokenizer, config):
     with open(REPO / "finetune" / "finetune_inputs.jsonl", encoding="utf-8") as f:
         queries = [json.loads(line) for line in f if line.strip()]
     assert queries and all((REPO / q["image"]).is_file() and q["text"] for q in queries)
+
+
+@pytest.mark.parametrize("content, name, match", [
+    ([GOOD, {"img": "a.png", "prompt": "p"}], "d.json", r"d\.json entry 1 \(counting from 0\): no label"),
+    ([GOOD, GOOD, {"img": "a.png", "prompt": "p", "label": "  "}], "d.json", r"entry 2 .*: no label"),
+    ([GOOD, {"image": "a.png", "q": "p"}], "d.json", r"entry 1 .*: no label"),          # positional, 2 values
+    ('{"img": "a.png", "prompt": "p", "label": "l"}\n\n{"img": "b.png", "prompt": "p"}\n', "d.jsonl",
+     r"d\.jsonl line 3: no label"),
+])
+def test_finetuning_refuses_entries_without_a_label(tmp_path, content, name, match):
+    path = _write(tmp_path, content, name)
+    assert len(read_dataset_json(path)) >= 2            # the MindFormers reading still takes them ...
+    with pytest.raises(UserError, match=match):         # ... finetuning does not
+        read_dataset_json(path, require_label=True)
+    assert read_dataset_json(_write(tmp_path, [GOOD], "ok.json"), require_label=True) == [
+        (str(tmp_path / "a.png"), "p", "l")]

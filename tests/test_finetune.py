@@ -272,3 +272,36 @@ def test_full_parameter_training_freezes_what_the_config_freezes(freeze_qformer)
     rebuilt = {p.name for p in build_model(config).get_parameters() if p.requires_grad}   # the model's own flags
     assert rebuilt.isdisjoint(in_qformer if freeze_qformer else []) and rebuilt.isdisjoint(
         [n for n in names if n.startswith("visual_encoder.")])
+
+
+def _refused(result, *allowed_prefixes):
+    """The single `error:` line of a run that must fail cleanly (a kernel log line may precede it)."""
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines()
+             if line.strip() and not line.startswith(("[visualglm.kernels]",) + allowed_prefixes)]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    return lines[0]
+
+
+def _finetune(tmp_path, yaml_path, *extra):
+    return subprocess.run([sys.executable, str(FINETUNE), "--config", str(yaml_path), *extra], env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_dataset_entry_without_a_label_is_refused(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file):
+    sea = str(REPO / "finetune" / "sea.png")
+    dataset = tmp_path / "dataset.json"
+    dataset.write_text(json.dumps([{"img": sea, "prompt": "你好", "label": "好"}, {"img": sea, "prompt": "你好"}]),
+                       encoding="utf-8")
+    before = dataset.read_bytes()
+    yaml_path = _yaml(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file, dataset=dataset)
+    error = _refused(_finetune(tmp_path, yaml_path, "--output_dir", str(tmp_path / "out")))
+    assert str(dataset) in error and "entry 1" in error and "no label" in error
+    assert dataset.read_bytes() == before and not (tmp_path / "out").exists()
+
+
+def test_save_steps_zero_is_refused(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file):
+    yaml_path = _yaml(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file)
+    error = _refused(_finetune(tmp_path, yaml_path, "--output_dir", str(tmp_path / "out"), "--save_steps", "0"))
+    assert "--save_steps" in error and "got 0" in error
+    assert not (tmp_path / "out").exists()

@@ -104,13 +104,15 @@ def _resolve_image(img, folder):
     return path
 
 
-def read_dataset_json(path):
+def read_dataset_json(path, require_label=False):
     """The samples of a finetuning `dataset.json` (spec §15.1) as a list of `FinetuneSample`.
 
     The file is a JSON list of objects `{"img": path, "prompt": question, "label": answer}` (a `.jsonl` file:
     one object per line). Objects without those keys are read like MindFormers does, by the first three
     values in order. Image paths are resolved relative to the json file's folder (falling back to the current
-    directory when only that has the file). Malformed files raise a UserError naming the entry and field."""
+    directory when only that has the file). Malformed files raise a UserError naming the entry and field.
+    With `require_label` (finetuning) an entry whose label is missing or blank is such an error too: it would
+    train the model to answer nothing."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"dataset file not found: {path}")
@@ -144,6 +146,9 @@ def read_dataset_json(path):
     samples = []
     for where, entry in entries:
         img, prompt, label = _entry_fields(entry, where)
+        if require_label and not label.strip():
+            raise UserError(f"{where}: no label (the answer to train on is missing or empty); give every entry "
+                            f"a non-empty \"label\" or remove the entry")
         samples.append(FinetuneSample(_resolve_image(img, folder), prompt, label))
     return samples
 

@@ -67,6 +67,9 @@ def run_finetune(args):
                                     resume_training_state)
 
     from mindformers.tools.register import MindFormerConfig
+    if args.save_steps is not None and args.save_steps < 1:
+        raise UserError(f"--save_steps must be a number of steps >= 1 (got {args.save_steps}); leave it out to "
+                        "use the yaml's save_checkpoint_steps")
     config_path = app.resolve_path(args.config, app.PACKAGE_DIR, app.REPO_ROOT)
     if config_path is None:
         raise UserError(f"config file not found: {args.config}")
@@ -81,7 +84,7 @@ def run_finetune(args):
     dataset_path = app.resolve_path(dataset_json, app.REPO_ROOT)
     if dataset_path is None:
         raise UserError(f"dataset file not found: {dataset_json}")
-    samples = read_dataset_json(dataset_path)     # malformed entries and missing images fail before the model
+    samples = read_dataset_json(dataset_path, require_label=True)     # malformed entries and missing images fail before the model
 
     settings = app.load_settings(argparse.Namespace(
         config=config_path, device_target=args.device_target, device_id=args.device_id,
@@ -149,6 +152,9 @@ def run_finetune(args):
     if start:
         dataset = dataset.skip(start)
     save_steps = args.save_steps or int(_get(_first_callback(yaml, "Checkpoint"), "save_checkpoint_steps", total_steps))
+    if save_steps < 1:
+        raise UserError(f"save_checkpoint_steps of the Checkpoint callback in {config_path} must be >= 1 "
+                        f"(got {save_steps}); fix the yaml or pass --save_steps N")
     saver = CheckpointSaver(train_step, output_dir, rank, save_steps, step_offset=start)
     monitor = TrainingMonitor(total_steps, batch_size, source_len + target_len, schedule, args.log_steps, start)
     print(f"rank {rank}/{size}: {what} ({sum(int(np.prod(p.shape)) for p in model.trainable_params())} "
