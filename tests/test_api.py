@@ -243,6 +243,77 @@ def test_bad_inputs(servers, client):
         assert json.loads(response.read())["status"] == "ok"
 
 
+HI = [{"role": "user", "content": "hi"}]
+NESTED = 100_000   # levels of [[[...]]] (200 kB: under the main server's body limit)
+# (name, schema, the body's fields or raw bytes, status, words the error message must hold). Issue 16: every
+# bad value is a 4xx naming its field, never a 500 (NaN, a seed of -1, lone surrogates and deep nesting
+# were; Infinity and huge numbers were accepted or crashed), and the server stays healthy.
+ABUSIVE = [
+    ("temperature-nan", "/", {"temperature": float("nan")}, 400, "temperature"),
+    ("temperature-inf", "/", {"temperature": float("inf")}, 400, "temperature"),
+    ("temperature-huge-int", "/", {"temperature": 10 ** 400}, 400, "temperature"),
+    ("temperature-negative", "/", {"temperature": -0.5}, 400, "temperature"),
+    ("temperature-bool", "/", {"temperature": True}, 400, "temperature"),
+    ("top_p-negative", "/", {"top_p": -0.1}, 400, "top_p"),
+    ("top_p-over-1", "/", {"top_p": 1.5}, 400, "top_p"),
+    ("top_p-nan", "/", {"top_p": float("nan")}, 400, "top_p"),
+    ("top_k-negative", "/", {"top_k": -1}, 400, "top_k"),
+    ("top_k-bool", "/", {"top_k": True}, 400, "top_k"),
+    ("repetition_penalty-inf", "/", {"repetition_penalty": float("inf")}, 400, "repetition_penalty"),
+    ("seed-negative", "/", {"seed": -1}, 400, "seed"),
+    ("seed-float", "/", {"seed": 1.5}, 400, "seed"),
+    ("max_new_tokens-0", "/", {"max_new_tokens": 0}, 400, "max_new_tokens"),
+    ("max_new_tokens-bool", "/", {"max_new_tokens": True}, 400, "max_new_tokens"),
+    ("max_length-0", "/", {"max_length": 0}, 400, "max_length"),
+    ("max_length-float", "/", {"max_length": 100.5}, 400, "max_length"),
+    ("max_new_tokens-huge-literal", "/", b'{"text": "hi", "max_new_tokens": 1' + b"0" * 5000 + b"}", 400,
+     "max_new_tokens"),
+    ("text-lone-surrogate", "/", {"text": "\ud800"}, 400, "text"),
+    ("history-lone-surrogate", "/", {"history": [["q", "a\udfff"]]}, 400, "history[0][1]"),
+    ("nested", "/", b"[" * NESTED + b"]" * NESTED, 400, "nested"),
+    ("nested-in-text", "/", b'{"text": ' + b"[" * NESTED + b"]" * NESTED + b"}", 400, "nested"),
+    ("openai-temperature-nan", "chat", {"temperature": float("nan")}, 400, "temperature"),
+    ("openai-temperature-inf", "chat", {"temperature": float("-inf")}, 400, "temperature"),
+    ("openai-temperature-negative", "chat", {"temperature": -1}, 400, "temperature"),
+    ("openai-top_p-over-1", "chat", {"top_p": 2}, 400, "top_p"),
+    ("openai-top_p-negative", "chat", {"top_p": -1}, 400, "top_p"),
+    ("openai-top_k-negative", "chat", {"top_k": -5}, 400, "top_k"),
+    ("openai-seed-negative", "chat", {"seed": -1}, 400, "seed"),
+    ("openai-seed-string", "chat", {"seed": "7"}, 400, "seed"),
+    ("openai-seed-bool", "chat", {"seed": True}, 400, "seed"),
+    ("openai-max_tokens-0", "chat", {"max_tokens": 0}, 400, "max_tokens"),
+    ("openai-max_tokens-negative", "chat", {"max_tokens": -3}, 400, "max_tokens"),
+    ("openai-max_tokens-bool", "chat", {"max_tokens": True}, 400, "max_tokens"),
+    ("openai-max_completion_tokens-0", "chat", {"max_completion_tokens": 0}, 400, "max_completion_tokens"),
+    ("openai-n-bool", "chat", {"n": True}, 400, "n must be 1"),
+    ("openai-content-lone-surrogate", "chat", {"messages": [{"role": "user", "content": "\ud800"}]}, 400,
+     "messages[0].content"),
+    ("openai-part-lone-surrogate", "chat",
+     {"messages": [{"role": "user", "content": [{"type": "text", "text": "x\udc00y"}]}]}, 400,
+     "messages[0].content[0].text"),
+    ("openai-model-lone-surrogate", "chat", {"model": "\ud83d"}, 400, "model"),
+    ("openai-nested", "chat", b'{"messages": ' + b"[" * NESTED + b"]" * NESTED + b"}", 400, "nested"),
+]
+
+
+@pytest.mark.parametrize("schema, body, code, words", [case[1:] for case in ABUSIVE],
+                         ids=[case[0] for case in ABUSIVE])
+def test_abusive_values_are_4xx_naming_the_field(servers, schema, body, code, words):
+    url = servers["main"].url
+    if isinstance(body, bytes):
+        raw = body
+    elif schema == "/":
+        raw = json.dumps({"text": "hi", "max_new_tokens": 2, "temperature": 0, **body}).encode()
+    else:
+        raw = json.dumps({"messages": HI, "max_tokens": 2, "temperature": 0, **body}).encode()
+    status, answer = post(url + ("/" if schema == "/" else "/v1/chat/completions"), raw, raw=True)
+    assert status == code and words in answer["error"]["message"], answer
+    assert answer["error"]["code"] == code and answer["status"] == code
+    with urllib.request.urlopen(url + "/health", timeout=30) as response:
+        health = json.loads(response.read())
+    assert health["status"] == "ok" and health["waiting"] == 0, health
+
+
 def test_full_queue_answers_503_at_once(servers):
     """Queue of 1: one request runs, one waits, the others are refused at once; all end well."""
     url = servers["busy"].url + "/"

@@ -17,6 +17,7 @@ images or parameters: 400 with a message.
 """
 import asyncio
 import json
+import math
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,46 @@ def _as_http(err):
     return HTTPError(500, f"internal error: {type(err).__name__}: {err}", "server_error")
 
 
+MAX_JSON_DEPTH = 64
+_MAX_INT_DIGITS = 1000
+
+
+def _parse_int(text):
+    """JSON integers; one of more than _MAX_INT_DIGITS digits becomes +-inf (Python refuses to convert more
+    than 4300 digits), which the field's own check then refuses by name."""
+    if len(text) > _MAX_INT_DIGITS:
+        return -math.inf if text.startswith("-") else math.inf
+    return int(text)
+
+
+def _check_json(data):
+    """HTTPError 400 naming the field (as messages[0].content) for nesting deeper than MAX_JSON_DEPTH or a
+    string (value or key) that is not valid Unicode. Iterative: the depth is what it guards."""
+    todo = [(data, "", 1)]
+    while todo:
+        value, path, depth = todo.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise HTTPError(400, f"the body's JSON is nested too deeply at {path or 'the top'} "
+                                 f"(at most {MAX_JSON_DEPTH} levels)")
+        if isinstance(value, dict):
+            for key, item in value.items():
+                child = f"{path}.{key}" if path else str(key)
+                _check_text(key, f"the key {child}")
+                todo.append((item, child, depth + 1))
+        elif isinstance(value, list):
+            todo.extend((item, f"{path}[{number}]", depth + 1) for number, item in enumerate(value))
+        elif isinstance(value, str):
+            _check_text(value, path)
+
+
+def _check_text(text, what):
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise HTTPError(400, f"{what.encode('utf-8', 'backslashreplace').decode()} is not valid Unicode text: "
+                             f"lone surrogate {text[err.start]!r} at character {err.start}") from None
+
+
 class Service:
     """The engine, its worker and the limits; the request handling independent of the web framework."""
 
@@ -65,12 +106,19 @@ class Service:
     # ----- parsing -----
     @staticmethod
     def parse_json(body):
+        """The request's JSON object. 400 for what is not JSON, nests deeper than MAX_JSON_DEPTH (Python's
+        parser would raise RecursionError), has integers of more digits than Python converts, or has a
+        string that is not Unicode text (a lone surrogate such as "\\ud800": the tokenizer and the JSON
+        answer could not encode it); the message names the field."""
         try:
-            data = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            data = json.loads(body, parse_int=_parse_int)
+        except RecursionError:
+            raise HTTPError(400, f"the body's JSON is nested too deeply (at most {MAX_JSON_DEPTH} levels)") from None
+        except (UnicodeDecodeError, ValueError) as err:   # JSONDecodeError is a ValueError
             raise HTTPError(400, f"the body is not valid JSON: {err}") from None
         if not isinstance(data, dict):
             raise HTTPError(400, f"the body must be a JSON object, got {type(data).__name__}")
+        _check_json(data)
         return data
 
     @staticmethod
@@ -134,9 +182,9 @@ class Service:
                 pending = None
         if pending is not None:
             history.append((pending, ""))
-        if len(set(u for u in image_urls if isinstance(u, str))) > 1:
-            raise HTTPError(400, "VisualGLM-6B takes one image per conversation; this one has "
-                                 f"{len(set(image_urls))}")
+        distinct = set(u for u in image_urls if isinstance(u, str))
+        if len(distinct) > 1:
+            raise HTTPError(400, f"VisualGLM-6B takes one image per conversation; this one has {len(distinct)}")
         image = self.image_from_url(image_urls[0]) if image_urls else None
         return turns[-1][1], image, history
 
@@ -153,11 +201,11 @@ class Service:
             return stream
         return self.worker.submit(run)
 
-    def prepare(self, query, image, history, request_options):
+    def prepare(self, query, image, history, request_options, names=None):
         if not isinstance(query, str):
             raise HTTPError(400, "the question text must be a string")
         english = not serving.is_chinese(query)
-        kwargs = serving.overrides(self.engine, self.defaults, request_options)
+        kwargs = serving.overrides(self.engine, self.defaults, request_options, names)
         kwargs, prompt_tokens, budget = serving.fit(self.engine, query, history, english, image is not None, kwargs)
         return english, kwargs, prompt_tokens, budget
 
@@ -181,16 +229,16 @@ class Service:
         return self.submit_stream(text, image, history, english, kwargs)
 
     def openai_job(self, data):
-        if data.get("n", 1) not in (1, None):
-            raise HTTPError(400, "n must be 1")
+        if data.get("n", 1) is not None and (isinstance(data.get("n", 1), bool) or data.get("n", 1) != 1):
+            raise HTTPError(400, f"n must be 1, got {data.get('n')!r:.80}")
         query, image, history = self.parse_messages(data.get("messages"))
-        options = {}
+        options, names = {}, {}
         for key, target in (("max_tokens", "max_new_tokens"), ("max_completion_tokens", "max_new_tokens"),
                             ("temperature", "temperature"), ("top_p", "top_p"), ("top_k", "top_k"),
                             ("seed", "seed"), ("repetition_penalty", "repetition_penalty")):
             if data.get(key) is not None:
-                options[target] = data[key]
-        english, kwargs, prompt_tokens, budget = self.prepare(query, image, history, options)
+                options[target], names[target] = data[key], key
+        english, kwargs, prompt_tokens, budget = self.prepare(query, image, history, options, names)
         job = self.submit_stream(query, image, history, english, kwargs)
         return job, prompt_tokens, budget
 

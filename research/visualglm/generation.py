@@ -156,14 +156,17 @@ class GenerationConfig:
     seed: Optional[int] = None
 
     def check(self):
-        if self.temperature <= 0:
-            raise UserError(f"temperature must be > 0, got {self.temperature}")
+        # "not x > 0" rather than "x <= 0": NaN fails every comparison. Infinity would divide every logit to 0.
+        if not 0 < self.temperature < math.inf:
+            raise UserError(f"temperature must be > 0 and finite, got {self.temperature}")
         if not 0 <= self.top_p <= 1:
             raise UserError(f"top_p must be in [0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise UserError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise UserError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            raise UserError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0):
+            raise UserError(f"seed must be an integer >= 0, got {self.seed!r}")
         for name in ("max_new_tokens", "max_length"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -10,6 +10,7 @@ import argparse
 import base64
 import binascii
 import io
+import math
 import os
 import queue
 import re
@@ -103,21 +104,41 @@ def build_engine(args):
 
 
 # ----------------------------------------------------------------------------------------------- generation
-def overrides(engine, defaults, request=None):
+def overrides(engine, defaults, request=None, names=None):
     """Generation keyword arguments for VisualGLMChat from the defaults and a request's keys
     (max_length, max_new_tokens, top_p, top_k, temperature, do_sample, repetition_penalty, seed).
-    temperature 0 means greedy; max_length is capped at the model's seq_length. Bad values: UserError."""
+    temperature 0 means greedy; max_length is capped at the model's seq_length, top_k at the vocabulary.
+    Bad values (wrong type, NaN / infinite, out of range): UserError naming the key as the request spelled
+    it (names maps a key to that spelling, e.g. max_new_tokens -> max_tokens)."""
     values = dict(defaults)
+    names = names or {}
     for key, value in (request or {}).items():
+        name = names.get(key, key)
         if key in ("max_length", "max_new_tokens", "top_k", "seed"):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise UserError(f"{key} must be an integer, got {value!r}")
+                raise UserError(f"{name} must be an integer, got {value!r:.80}")
+            low = 0 if key in ("top_k", "seed") else 1
+            if value is not None and value < low:
+                raise UserError(f"{name} must be >= {low}, got {value}")
         elif key in ("top_p", "temperature", "repetition_penalty"):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise UserError(f"{key} must be a number, got {value!r}")
+                raise UserError(f"{name} must be a number, got {value!r:.80}")
+            if value is not None:
+                try:
+                    value = float(value)
+                except OverflowError:
+                    value = math.inf
+                if not math.isfinite(value):
+                    raise UserError(f"{name} must be a finite number, got {value}")
+                if key == "top_p" and not 0 <= value <= 1:
+                    raise UserError(f"{name} must be in [0, 1], got {value}")
+                if key == "temperature" and value < 0:
+                    raise UserError(f"{name} must be >= 0 (0 = greedy), got {value}")
+                if key == "repetition_penalty" and value <= 0:
+                    raise UserError(f"{name} must be > 0, got {value}")
         elif key == "do_sample":
             if not isinstance(value, bool):
-                raise UserError(f"do_sample must be true or false, got {value!r}")
+                raise UserError(f"{name} must be true or false, got {value!r:.80}")
         else:
             continue
         if value is not None:
@@ -129,6 +150,9 @@ def overrides(engine, defaults, request=None):
                   temperature=float(values.get("temperature", 1.0)), top_k=int(values.get("top_k", 0)),
                   top_p=float(values.get("top_p", 1.0)),
                   repetition_penalty=float(values.get("repetition_penalty", 1.0)), seed=values.get("seed"))
+    vocab_size = getattr(engine.model.config.text_config, "vocab_size", None)
+    if vocab_size and kwargs["top_k"] > vocab_size:
+        kwargs["top_k"] = vocab_size   # the same filter; more would fail in np.partition
     if kwargs["temperature"] == 0:
         kwargs.update(do_sample=False, temperature=1.0)
     if kwargs["temperature"] < 0:
