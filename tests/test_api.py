@@ -314,6 +314,25 @@ def test_abusive_values_are_4xx_naming_the_field(servers, schema, body, code, wo
     assert health["status"] == "ok" and health["waiting"] == 0, health
 
 
+@pytest.mark.parametrize("schema, body", [
+    ("/", {"top_k": 10 ** 9, "temperature": 0.7, "seed": 1}),             # np.partition failed: 500
+    ("chat", {"top_k": 10 ** 9, "temperature": 0.7, "seed": 1}),
+    ("/", {"max_new_tokens": 10 ** 30, "max_length": 10 ** 30}),            # upper bounds, capped at seq_length
+    ("chat", {"max_tokens": 10 ** 30}),
+], ids=["top_k-huge", "openai-top_k-huge", "max_new_tokens-huge", "openai-max_tokens-huge"])
+def test_values_beyond_the_model_are_capped(servers, schema, body):
+    """A top_k beyond the vocabulary filters nothing, max_tokens / max_new_tokens beyond seq_length are upper
+    bounds (as OpenAI's max_tokens): 200 with an answer that fits."""
+    url = servers["main"].url
+    if schema == "/":
+        status, answer = post(url + "/", {"text": "hi", "max_new_tokens": 2, "temperature": 0, **body})
+        assert status == 200 and isinstance(answer["result"], str), answer
+    else:
+        status, answer = post(url + "/v1/chat/completions", {"messages": HI, "max_tokens": 2, "temperature": 0,
+                                                              **body})
+        assert status == 200 and answer["usage"]["total_tokens"] <= 128, answer   # the tiny model's seq_length
+
+
 def test_full_queue_answers_503_at_once(servers):
     """Queue of 1: one request runs, one waits, the others are refused at once; all end well."""
     url = servers["busy"].url + "/"
