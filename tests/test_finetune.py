@@ -305,3 +305,71 @@ def test_save_steps_zero_is_refused(tmp_path, chatglm_tokenizer, chat_checkpoint
     error = _refused(_finetune(tmp_path, yaml_path, "--output_dir", str(tmp_path / "out"), "--save_steps", "0"))
     assert "--save_steps" in error and "got 0" in error
     assert not (tmp_path / "out").exists()
+
+
+def _finetune_in_process(capsys, *argv):
+    """run_visualglm_finetune.py's main through run_main: returns the exit code and the `error:` lines."""
+    import importlib.util
+    from visualglm.cli import run_main
+    spec = importlib.util.spec_from_file_location("run_visualglm_finetune", FINETUNE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(module.main, [str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[visualglm.kernels]")]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
+    return exit_info.value.code, lines[0]
+
+
+def _snapshot(folder):
+    return {p: p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def test_output_dir_that_is_a_file_or_read_only_is_refused(tmp_path, chatglm_tokenizer, chat_checkpoint,
+                                                          chatglm_vocab_file, capsys):
+    yaml_path = _yaml(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file)
+    a_file = tmp_path / "a_file"
+    a_file.write_bytes(b"keep")
+    code, error = _finetune_in_process(capsys, "--config", yaml_path, "--output_dir", a_file)
+    assert code == 2 and "--output_dir" in error and f"{a_file} is a file, not a folder" in error
+    assert a_file.read_bytes() == b"keep"
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        code, error = _finetune_in_process(capsys, "--config", yaml_path, "--output_dir", read_only)
+        assert code == 2 and f"the folder {read_only} is read-only" in error and not list(read_only.iterdir())
+    finally:
+        read_only.chmod(0o755)
+    blocked = tmp_path / "blocked" / "checkpoint_trainable" / "rank_0" / "visualglm_rank_0-trainable_params.ckpt"
+    blocked.mkdir(parents=True)
+    code, error = _finetune_in_process(capsys, "--config", yaml_path, "--output_dir", tmp_path / "blocked")
+    assert code == 2 and f"{blocked} is a folder" in error and not list(blocked.iterdir())
+    locked = tmp_path / "locked" / "checkpoint_trainable" / "rank_0" / "visualglm_rank_0-trainable_params.ckpt"
+    locked.parent.mkdir(parents=True)
+    locked.write_bytes(b"keep")
+    locked.chmod(0o444)
+    code, error = _finetune_in_process(capsys, "--config", yaml_path, "--output_dir", tmp_path / "locked")
+    assert code == 2 and f"{locked} is read-only" in error and locked.read_bytes() == b"keep"
+
+
+def test_resume_with_other_lora_settings_is_refused(tmp_path, chatglm_tokenizer, chat_checkpoint,
+                                                    chatglm_vocab_file, capsys):
+    yaml_path = _yaml(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file, num_iters=6)
+    out = tmp_path / "out"
+    _run_in_process(yaml_path, out, "--save_steps", "4")
+    saved = json.loads((out / "checkpoint" / "rank_0" / "run_settings.json").read_text(encoding="utf-8"))
+    assert saved == {"pet_type": "lora", "lora_rank": 4, "lora_alpha": 8.0, "layer_range": [0, 2],
+                     "target_modules": r"attention\.(query_key_value|dense)$"}
+    before = _snapshot(out)
+    for name, pet, expected in [("rank8.yaml", dict(lora_rank=8), "lora_rank 4 there, 8 now"),
+                                ("alpha.yaml", dict(lora_alpha=32), "lora_alpha 8.0 there, 32.0 now"),
+                                ("layers.yaml", dict(layer_range=[1]), "layer_range [0, 2] there, [1] now"),
+                                ("full.yaml", dict(pet_type="full"), "pet_type 'lora' there, 'full' now")]:
+        other = _yaml(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file, name=name, num_iters=12,
+                      **pet)
+        code, error = _finetune_in_process(capsys, "--config", other, "--output_dir", out, "--resume")
+        assert code == 2 and error.startswith("error: --resume:") and expected in error, error
+        assert _snapshot(out) == before

@@ -54,6 +54,19 @@ def lora_settings(yaml):
                 param_init_type=pet.get("param_init_type", "float32"))
 
 
+def settings_to_compare(lora):
+    """The settings saved with the checkpoints that a --resume must not change (they change the trained
+    parameters' names, shapes or meaning): pet_type and the LoRA's rank, alpha, layers and targets."""
+    if lora is None:
+        return {"pet_type": "full"}
+    from visualglm.lora import DEFAULT_TARGETS
+    layer_range = lora["layer_range"]
+    if layer_range is not None and not isinstance(layer_range, int):
+        layer_range = [int(i) for i in layer_range]
+    return {"pet_type": "lora", "lora_rank": lora["lora_rank"], "lora_alpha": lora["lora_alpha"],
+            "layer_range": layer_range, "target_modules": lora["target_modules"] or DEFAULT_TARGETS}
+
+
 def run_finetune(args):
     """Train; returns {'steps', 'losses', 'trainable_checkpoint'}."""
     import mindspore as ms
@@ -64,7 +77,8 @@ def run_finetune(args):
     from visualglm.lr_schedule import AnnealingLR
     from visualglm.processing import VisualGLMProcessor
     from visualglm.training import (CheckpointSaver, FinetuneLoss, TrainStep, TrainingMonitor, build_optimizer,
-                                    resume_training_state)
+                                    check_output_dir, check_resume_settings, resume_training_state, state_folder,
+                                    trainable_checkpoint_path)
 
     from mindformers.tools.register import MindFormerConfig
     if args.save_steps is not None and args.save_steps < 1:
@@ -95,6 +109,14 @@ def run_finetune(args):
     if args.graph_mode:
         ms.set_context(mode=ms.PYNATIVE_MODE)
     rank, size = init_distributed(bool(_get(yaml, "use_parallel", False)))
+    output_dir = args.output_dir or _get(yaml, "output_dir", "./output")
+    state_dir = state_folder(output_dir, rank)
+    check_output_dir(output_dir, "--output_dir" if args.output_dir else f"output_dir of {config_path}",
+                     files=[trainable_checkpoint_path(output_dir, rank)], folders=[state_dir])
+    lora = lora_settings(yaml)
+    run_settings = settings_to_compare(lora)
+    if args.resume:
+        check_resume_settings(state_dir, run_settings, config_path)
     seed = int(settings.seed or 0)
     ms.set_seed(seed)
     np.random.seed(seed)
@@ -118,7 +140,6 @@ def run_finetune(args):
     total_steps = epochs * steps_per_epoch
 
     model = app.build_network(settings)
-    lora = lora_settings(yaml)
     if lora is None:
         _unfreeze(model, settings.config)
         what = "full-parameter training"
@@ -143,8 +164,6 @@ def run_finetune(args):
     train_step = TrainStep(FinetuneLoss(model), optimizer, max_grad_norm, loss_scale)
     train_step.set_train(True)
 
-    output_dir = args.output_dir or _get(yaml, "output_dir", "./output")
-    state_dir = os.path.join(output_dir, "checkpoint", f"rank_{rank}")
     start = resume_training_state(train_step, state_dir) if args.resume else 0
     if start >= total_steps:
         raise UserError(f"nothing to resume: {state_dir} is already at step {start} of {total_steps}")
@@ -155,7 +174,7 @@ def run_finetune(args):
     if save_steps < 1:
         raise UserError(f"save_checkpoint_steps of the Checkpoint callback in {config_path} must be >= 1 "
                         f"(got {save_steps}); fix the yaml or pass --save_steps N")
-    saver = CheckpointSaver(train_step, output_dir, rank, save_steps, step_offset=start)
+    saver = CheckpointSaver(train_step, output_dir, rank, save_steps, step_offset=start, run_settings=run_settings)
     monitor = TrainingMonitor(total_steps, batch_size, source_len + target_len, schedule, args.log_steps, start)
     print(f"rank {rank}/{size}: {what} ({sum(int(np.prod(p.shape)) for p in model.trainable_params())} "
           f"trainable parameters), {len(samples)} samples, {total_steps} steps"

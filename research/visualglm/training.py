@@ -133,13 +133,16 @@ def check_output_file(path, what):
     _check_folder_writable(_existing_ancestor(path), what)
 
 
-def check_output_dir(path, what, files=()):
-    """Refuse an output folder that is a file or read-only, and any of `files` (paths that will be written in
-    it) that is a folder or read-only."""
+def check_output_dir(path, what, files=(), folders=()):
+    """Refuse an output folder that is a file or read-only, any of `folders` in it that is a file or read-only,
+    and any of `files` (paths that will be written in it) that is a folder or read-only."""
     if os.path.exists(path):
         _check_folder_writable(path, what)
     else:
         _check_folder_writable(_existing_ancestor(path), what)
+    for folder in folders:
+        if os.path.exists(folder):
+            _check_folder_writable(folder, what)
     for file in files:
         if os.path.isdir(file):
             raise UserError(f"{what}: {file} is a folder where a checkpoint file is to be written; remove it or "
@@ -172,20 +175,60 @@ def training_state(train_step):
     return list(state.values())
 
 
+RUN_SETTINGS = "run_settings.json"
+
+
+def trainable_checkpoint_path(output_dir, rank):
+    return os.path.join(output_dir, "checkpoint_trainable", f"rank_{rank}", f"visualglm_rank_{rank}-trainable_params.ckpt")
+
+
+def state_folder(output_dir, rank):
+    return os.path.join(output_dir, "checkpoint", f"rank_{rank}")
+
+
+def check_resume_settings(state_dir, current, config_path):
+    """Before anything is built: the settings saved with the checkpoints of state_dir (run_settings.json) must
+    equal `current`, else one UserError naming every difference. Runs saved before the settings were are
+    compared by resume_training_state (names and shapes)."""
+    import json
+    path = os.path.join(state_dir, RUN_SETTINGS)
+    if not list_state_checkpoints(state_dir) or not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        raise UserError(f"--resume: cannot read {path}: {err}") from None
+    differences = [f"{key} {saved.get(key)!r} there, {current.get(key)!r} now"
+                   for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    if differences:
+        raise UserError(f"--resume: the checkpoints in {state_dir} were trained with other settings than "
+                        f"{config_path} ({'; '.join(differences)}); resume with the same pet_config or train "
+                        "into another --output_dir")
+
+
 class CheckpointSaver(Callback):
     """Every `save_steps` and at the end: the trainable (LoRA) parameters to
     `{out}/checkpoint_trainable/rank_{r}/visualglm_rank_{r}-trainable_params.ckpt` and the training state
     to `{out}/checkpoint/rank_{r}/visualglm_rank_{r}-{epoch}_{step}.ckpt` (the last `keep` kept)."""
 
-    def __init__(self, train_step, output_dir, rank, save_steps, step_offset=0, keep=5):
+    def __init__(self, train_step, output_dir, rank, save_steps, step_offset=0, keep=5, run_settings=None):
         super().__init__()
         self.train_step = train_step
-        self.trainable_path = os.path.join(output_dir, "checkpoint_trainable", f"rank_{rank}",
-                                           f"visualglm_rank_{rank}-trainable_params.ckpt")
-        self.state_dir = os.path.join(output_dir, "checkpoint", f"rank_{rank}")
+        self.trainable_path = trainable_checkpoint_path(output_dir, rank)
+        self.state_dir = state_folder(output_dir, rank)
         self.rank, self.save_steps, self.step_offset, self.keep = rank, save_steps, step_offset, keep
+        self.run_settings = run_settings
 
     def save(self, epoch, step):
+        if self.run_settings is not None:   # what --resume compares with (check_resume_settings)
+            import json
+            text = json.dumps(self.run_settings, indent=1, sort_keys=True) + "\n"
+
+            def write(tmp):
+                with open(tmp, "w", encoding="utf-8") as f:
+                    f.write(text)
+            atomic_save(write, os.path.join(self.state_dir, RUN_SETTINGS))
         lora = [p for p in self.train_step.optimizer.parameters if LORA_MARK in p.name] or \
             list(self.train_step.optimizer.parameters)
         atomic_save(lambda tmp: ms.save_checkpoint(lora, tmp), self.trainable_path)
@@ -228,6 +271,11 @@ def resume_training_state(train_step, state_dir):
     if missing:
         raise UserError(f"{latest} does not match this run: {len(missing)} state tensors missing "
                         f"(e.g. {missing[0]}); was it written with another config?")
+    shapes = [f"{n} {tuple(state[n].shape)} there, {tuple(p.shape)} now" for n, p in params.items()
+              if tuple(state[n].shape) != tuple(p.shape)]
+    if shapes:
+        raise UserError(f"{latest} does not match this run: {len(shapes)} state tensors have other shapes "
+                        f"(e.g. {shapes[0]}); was it written with another lora_rank?")
     for name, param in params.items():
         param.set_data(state[name].astype(param.dtype))
     return _step_of(latest)
