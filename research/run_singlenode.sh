@@ -10,12 +10,15 @@ usage() {
 Usage: bash run_singlenode.sh "<EXECUTE_ORDER>" <RANK_TABLE_PATH> <DEVICE_RANGE> <RANK_SIZE>
   EXECUTE_ORDER    command to run on every device (quote it), e.g. "python run_visualglm_finetune.py --config_path cfg.yaml"
   RANK_TABLE_PATH  HCCL rank table json (e.g. made by mindformers/tools/hccl_tools.py)
-  DEVICE_RANGE     "[START,END)" or "[START,END]": devices START..END-1; END is EXCLUSIVE in both forms.
+  DEVICE_RANGE     "[START,END)" or "[START,END]": devices START..END-1; END is EXCLUSIVE in both forms;
+                   0 <= START < END <= 8.
                    Quote it (e.g. "[0, 8]"), the shell treats ')' and unquoted brackets specially.
-  RANK_SIZE        number of processes, normally END-START
+  RANK_SIZE        number of processes: must equal END-START and the rank table's device count
 Example: bash run_singlenode.sh "python run_visualglm_finetune.py --config_path run_visualglm_lora.yaml" ./hccl_8p_01234567_10.0.0.1.json "[0,8)" 8
 EOF
 }
+
+MAX_DEVICES=8   # NPUs on one Atlas 800 server
 
 die() {
     echo "run_singlenode.sh: error: $*" >&2
@@ -54,11 +57,28 @@ END=$((10#${BASH_REMATCH[2]}))
 if [ "$START" -ge "$END" ]; then
     die "DEVICE_RANGE '$DEVICE_RANGE': START ($START) must be smaller than END ($END, exclusive)"
 fi
+if [ "$END" -gt "$MAX_DEVICES" ]; then
+    die "DEVICE_RANGE '$DEVICE_RANGE' reaches device $((END - 1)); one server has devices 0..$((MAX_DEVICES - 1)) (END is exclusive: at most $MAX_DEVICES)"
+fi
+COUNT=$((END - START))
 
 [[ "$RANK_SIZE_ARG" =~ ^[0-9]+$ ]] && [ "$((10#$RANK_SIZE_ARG))" -gt 0 ] \
     || die "RANK_SIZE '$RANK_SIZE_ARG' must be a positive integer"
-if [ "$((10#$RANK_SIZE_ARG))" -ne $((END - START)) ]; then
-    echo "run_singlenode.sh: warning: RANK_SIZE=$RANK_SIZE_ARG but DEVICE_RANGE launches $((END - START)) processes (devices $START..$((END - 1)))" >&2
+if [ "$((10#$RANK_SIZE_ARG))" -ne "$COUNT" ]; then
+    die "RANK_SIZE=$RANK_SIZE_ARG but DEVICE_RANGE '$DEVICE_RANGE' launches $COUNT processes (devices $START..$((END - 1))): make them agree"
+fi
+
+# The rank table (hccl_tools.py's format) must list exactly the devices launched here.
+PYTHON_BIN=$(command -v python3 || command -v python) || die "python3 not found (needed to read the rank table)"
+TABLE_DEVICES=$("$PYTHON_BIN" - "$RANK_TABLE_PATH" <<'PYEOF' 2>/dev/null
+import json, sys
+with open(sys.argv[1], encoding="utf-8") as f:
+    table = json.load(f)
+print(sum(len(server["device"]) for server in table["server_list"]))
+PYEOF
+) || die "rank table $RANK_TABLE_PATH is not a rank table (expected JSON with server_list[].device[], as mindformers/tools/hccl_tools.py writes)"
+if [ "$TABLE_DEVICES" -ne "$COUNT" ]; then
+    die "rank table $RANK_TABLE_PATH lists $TABLE_DEVICES devices but DEVICE_RANGE '$DEVICE_RANGE' launches $COUNT processes"
 fi
 
 ulimit -u unlimited 2>/dev/null || true

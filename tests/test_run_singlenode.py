@@ -40,8 +40,17 @@ def setup(tmp_path):
     cwd.mkdir()
     table = tmp_path / "tables" / "hccl_2p_01_10.0.0.1.json"
     table.parent.mkdir()
-    table.write_text("{}\n")
+    write_table(table, 2)
     return cwd, table
+
+
+def write_table(path, devices):
+    """A rank table in hccl_tools.py's format listing `devices` devices on one server."""
+    import json
+    listed = [{"device_id": str(i), "device_ip": f"192.98.92.{100 + i}", "rank_id": str(i)} for i in range(devices)]
+    path.write_text(json.dumps({"version": "1.0", "server_count": "1", "status": "completed",
+                                "server_list": [{"server_id": "10.0.0.1", "device": listed,
+                                                 "host_nic_ip": "reserve"}]}))
 
 
 @pytest.mark.parametrize("device_range,start", [
@@ -79,7 +88,7 @@ def test_usage_on_wrong_arg_count(setup, args):
     assert not (cwd / "output").exists()
 
 
-@pytest.mark.parametrize("device_range", ["[2,2)", "[3,1]", "[a,2)", "0,2", "[0,2", "[0;2)"])
+@pytest.mark.parametrize("device_range", ["[2,2)", "[3,1]", "[a,2)", "0,2", "[0,2", "[0;2)", "[7,9)", "[0,99999]"])
 def test_bad_range(setup, device_range):
     cwd, table = setup
     res = _run([EXECUTE_ORDER, str(table), device_range, "2"], cwd)
@@ -101,4 +110,30 @@ def test_bad_rank_size(setup):
     res = _run([EXECUTE_ORDER, str(table), "[0,2)", "two"], cwd)
     assert res.returncode != 0
     assert "RANK_SIZE" in res.stderr
+    assert not (cwd / "output").exists()
+
+
+@pytest.mark.parametrize("args, table_devices, message", [
+    (["[0,2)", "3"], 2, "RANK_SIZE=3 but DEVICE_RANGE '[0,2)' launches 2 processes"),
+    (["[0,2)", "2"], 4, "lists 4 devices but DEVICE_RANGE '[0,2)' launches 2 processes"),
+    (["[0,8]", "8"], 2, "lists 2 devices but DEVICE_RANGE '[0,8]' launches 8 processes"),
+])
+def test_counts_must_agree_before_anything_launches(setup, args, table_devices, message):
+    """Device range, RANK_SIZE and the rank table's device count must agree: nothing is launched otherwise."""
+    cwd, table = setup
+    write_table(table, table_devices)
+    res = _run([EXECUTE_ORDER, str(table), *args], cwd)
+    assert res.returncode != 0
+    assert message in res.stderr
+    assert res.stderr.count("\n") == 1 and res.stdout == ""
+    assert not (cwd / "output").exists()
+
+
+@pytest.mark.parametrize("content", ["{}", "not json", '{"server_list": [{}]}'])
+def test_a_file_that_is_no_rank_table_is_refused(setup, content):
+    cwd, table = setup
+    table.write_text(content)
+    res = _run([EXECUTE_ORDER, str(table), "[0,2)", "2"], cwd)
+    assert res.returncode != 0
+    assert "is not a rank table" in res.stderr
     assert not (cwd / "output").exists()
