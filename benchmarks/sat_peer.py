@@ -275,6 +275,10 @@ def run_job(workdir):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python sat_peer.py WORKDIR   (run by bench_generate.py)")
+    usage = "usage: python sat_peer.py WORKDIR   (started by bench_generate.py, which writes WORKDIR/job.json)"
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print(usage, file=sys.stdout if len(sys.argv) == 2 else sys.stderr)
+        raise SystemExit(0 if len(sys.argv) == 2 else 2)
+    if not os.path.isdir(sys.argv[1]):
+        raise SystemExit(f"error: {sys.argv[1]} is not a folder ({usage})")
     run_job(sys.argv[1])

@@ -1,9 +1,11 @@
 """Draw the example images of the run scripts (simple synthetic scenes, deterministic).
 
-    python examples/make_examples.py            # writes the images next to this script
+    python examples/make_examples.py                 # writes the images next to this script
+    python examples/make_examples.py --out_dir DIR   # or into DIR
 
 Only PIL drawing primitives are used (no fonts, no randomness), so the images are the same on every run.
 """
+import argparse
 import os
 
 from PIL import Image, ImageDraw
@@ -76,4 +78,6 @@ def main(folder=HERE):
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out_dir", default=HERE, help="folder for the images (default: next to this script)")
+    main(parser.parse_args().out_dir)

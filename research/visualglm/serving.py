@@ -76,8 +76,19 @@ def server_parser(doc):
     add_chat_args(parser)
     group = parser.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s: this machine only)")
-    group.add_argument("--port", type=int, default=8080, help="default %(default)s")
+    group.add_argument("--port", type=port_number, default=8080, help="TCP port, 1-65535 (default %(default)s)")
     return parser, group
+
+
+def port_number(value):
+    """argparse type of --port: an integer in 1..65535."""
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {value!r}: expected an integer from 1 to 65535")
+    return port
 
 
 def generation_defaults(args):
