@@ -46,3 +46,16 @@ def test_good_port_is_accepted():
     from visualglm.serving import server_parser
     parser, _ = server_parser("test server")
     assert parser.parse_args(["--port", "65535"]).port == 65535
+
+
+@pytest.mark.parametrize("module", ["run_visualglm", "run_visualglm_pipeline", "run_visualglm_with_lora",
+                                    "convert_weight", "api", "web_demo", "cli_demo"])
+def test_help_says_what_options_do_without_citing_the_spec(module, capsys):
+    """--help describes the script and its options in words: no references to internal document sections."""
+    import importlib
+    parse_args = importlib.import_module(f"visualglm.{module}").parse_args
+    with pytest.raises(SystemExit) as stop:
+        parse_args(["--help"])
+    assert stop.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage:") and "§" not in text and "spec " not in text

@@ -1,4 +1,4 @@
-"""Convert an upstream VisualGLM-6B checkpoint (SAT or Hugging Face layout) into this port's MindSpore checkpoints (spec §14).
+"""Convert an upstream VisualGLM-6B checkpoint (SAT or Hugging Face layout) into this port's MindSpore checkpoints.
 
     python convert_weight.py --torch_path /path/to/visualglm-6b \
         --vit_mindspore_path checkpoints/visualglm_vit.ckpt \

@@ -1,4 +1,4 @@
-"""Answer questions about images with VisualGLM-6B (spec §16.1).
+"""Answer questions about images with VisualGLM-6B.
 
     python research/visualglm/run_visualglm.py --device_target CPU \
         --image_path examples/red_circle.png --prompt "描述这张图片。" \

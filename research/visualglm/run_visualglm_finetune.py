@@ -1,4 +1,4 @@
-"""LoRA-finetune VisualGLM-6B (spec §16.4).
+"""LoRA-finetune VisualGLM-6B.
 
     python run_visualglm_finetune.py --config run_visualglm_lora.yaml --graph_mode 0 --batch_size 1
 """

@@ -1,4 +1,4 @@
-"""Answer questions with VisualGLM-6B plus finetuned LoRA weights (spec §16.3).
+"""Answer questions with VisualGLM-6B plus finetuned LoRA weights.
 
     python research/visualglm/run_visualglm_with_lora.py --config run_visualglm_lora.yaml \
         --lora_checkpoint output/checkpoint_trainable/rank_0/visualglm_rank_0-trainable_params.ckpt \
