@@ -59,3 +59,19 @@ def test_help_says_what_options_do_without_citing_the_spec(module, capsys):
     assert stop.value.code == 0
     text = capsys.readouterr().out
     assert text.startswith("usage:") and "§" not in text and "spec " not in text
+
+
+@pytest.mark.parametrize("script", ["research/visualglm/run_visualglm.py", "research/visualglm/run_visualglm_pipeline.py",
+                                    "research/visualglm/convert_weight.py"])
+def test_scripts_write_nothing_into_the_current_folder(script, tmp_path):
+    """MindFormers makes its log folder when imported; the package sends it to the cache folder, never to ./output."""
+    import os
+    cwd, cache = tmp_path / "cwd", tmp_path / "cache"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "LOCAL_DEFAULT_PATH"}
+    env["XDG_CACHE_HOME"] = str(cache)
+    result = subprocess.run([sys.executable, str(REPO / script), "--help"], cwd=cwd, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert list(cwd.iterdir()) == []
+    assert (cache / "visualglm" / "mindformers").is_dir()

@@ -4,6 +4,10 @@ import os
 # MindSpore prints a deprecation warning from inside MindFormers at import; keep its log at errors unless
 # the user chose a level (GLOG_v), so that scripts' errors stay one line.
 os.environ.setdefault("GLOG_v", "3")
+# MindFormers creates its log folder under LOCAL_DEFAULT_PATH (default: ./output) when it is imported: keep it
+# out of the user's current folder, in a cache folder, unless the user chose a place.
+os.environ.setdefault("LOCAL_DEFAULT_PATH", os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "visualglm", "mindformers"))
 
 # pylint: disable=wrong-import-position
 from visualglm.configuration import (

@@ -7,12 +7,12 @@
 Same arguments as run_visualglm.py (without --stream). Prints the parsed arguments, logs `batch_size is {n}`,
 then prints `Response: ['answer 1', 'answer 2']`.
 """
-from mindformers import pipeline
-from mindformers.tools.logger import logger
-
-from visualglm import app
+from visualglm import app   # first: it keeps MindFormers' log folder out of the current folder
 from visualglm.cli import generate_parser, run_main
 from visualglm.pipeline import TASK
+
+from mindformers import pipeline  # noqa: E402  pylint: disable=wrong-import-order
+from mindformers.tools.logger import logger  # noqa: E402  pylint: disable=wrong-import-order
 
 
 def parse_args(argv=None):
