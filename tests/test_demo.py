@@ -24,9 +24,9 @@ STAR = "examples/demo_star.png"
 
 
 def _run(script, *args, cwd=REPO):
-    env = dict(os.environ, LOCAL_DEFAULT_PATH=str(REPO / "output" / "test_logs"))
+    # MindFormers' log folder: conftest's LOCAL_DEFAULT_PATH (a temporary folder), inherited
     result = subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True,
-                            timeout=300, env=env, cwd=cwd)
+                            timeout=300, cwd=cwd)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
