@@ -257,13 +257,14 @@ class CheckpointReader:
     `read(sat_name)` then reads one tensor into its own buffer, re-ordered to SAT's block qkv rows if
     `qkv_layout` is "interleaved"."""
 
-    def __init__(self, path, kind, shards, fmt, index=None, naming=None, config_file=None,
+    def __init__(self, path, kind, shards, fmt, index=None, weight_map=None, naming=None, config_file=None,
                  config_kind=None):
         self.path = path            # what the user gave
         self.kind = kind            # e.g. "sharded safetensors"
         self.shards = shards        # checkpoint files, in order
         self.fmt = fmt              # "safetensors" or "torch"
         self.index = index          # the index file, or None
+        self.weight_map = weight_map  # the index's {stored name: shard path}, or None
         self.naming = naming        # decided from the keys when None
         self._config_file, self._config_kind = config_file, config_kind
         self.tensors = OrderedDict()   # SAT name -> SourceTensor
@@ -312,7 +313,7 @@ class CheckpointReader:
 
     def plan(self):
         stored = OrderedDict()   # stored name -> SourceTensor
-        expected = self._read_index() if self.index else None
+        expected = self.weight_map
         for shard in self.shards:
             for tensor in self._locate(shard):
                 if tensor.stored in stored:
@@ -338,18 +339,6 @@ class CheckpointReader:
             else:
                 self.tensors[sat] = tensor
         return self
-
-    def _read_index(self):
-        import json
-        try:
-            with open(self.index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (ValueError, KeyError, TypeError) as err:
-            raise ConversionError(f"{self.index}: not a checkpoint index ({type(err).__name__}: {err})") from None
-        folder = os.path.dirname(os.path.abspath(self.index))
-        return {k: os.path.join(folder, v) for k, v in weight_map.items()}
 
     def _locate(self, shard):
         if self.fmt == "safetensors":
@@ -440,21 +429,23 @@ def _index_reader(index, fmt):
     import json
     try:
         with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+            document = json.load(f)
+        weight_map = document.get("weight_map") if isinstance(document, dict) else None
     except ValueError as err:
         raise ConversionError(f"{index}: not a checkpoint index (invalid JSON: {err})") from None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConversionError(f"{index}: not a checkpoint index (no 'weight_map' naming the shards)")
     folder = os.path.dirname(os.path.abspath(index))
-    shards = list(OrderedDict.fromkeys(os.path.join(folder, s) for s in weight_map.values()))
+    weight_map = {name: os.path.join(folder, shard) for name, shard in weight_map.items()}
+    shards = list(OrderedDict.fromkeys(weight_map.values()))
     missing = [s for s in shards if not os.path.isfile(s)]
     if missing:
-        counts = {s: sum(1 for v in weight_map.values() if os.path.join(folder, v) == s) for s in missing}
+        counts = {s: sum(1 for v in weight_map.values() if v == s) for s in missing}
         names = ", ".join(f"{s} ({counts[s]} tensors)" for s in missing[:3])
         raise ConversionError(f"{index} names {len(missing)} missing shard(s): {names}"
                               + (" …" if len(missing) > 3 else ""))
     kind = "sharded safetensors" if fmt == "safetensors" else "sharded PyTorch .bin"
-    return CheckpointReader(index, kind, shards, fmt, index=index, naming=HfNaming())
+    return CheckpointReader(index, kind, shards, fmt, index=index, weight_map=weight_map, naming=HfNaming())
 
 
 def open_checkpoint(path):
@@ -756,7 +747,6 @@ def _convert(torch_path, outputs, config, qkv_layout, dtype, show_progress, log)
     plans = plan_outputs(reader, rules, files, DTYPES[dtype])
 
     wanted = [k for k in reader.tensors if k in rules and rules[k].part in parts]
-    sinks = OrderedDict()
     writers = _Outputs(plans)
     progress = None
     try:
@@ -782,7 +772,6 @@ def _convert(torch_path, outputs, config, qkv_layout, dtype, show_progress, log)
             progress.close()
         writers.discard()
     for path, specs in plans.items():
-        sinks[path] = len(specs)
         log(f"wrote {path} ({len(specs)} tensors)")
     if isinstance(reader.naming, HfNaming) or os.path.isfile(reader.tokenizer_file()):
         tokenizer = reader.tokenizer_file()
@@ -791,4 +780,4 @@ def _convert(torch_path, outputs, config, qkv_layout, dtype, show_progress, log)
         else:
             log(f"tokenizer: no ice_text.model in {reader.folder}: processor.tokenizer.vocab_file needs "
                 "ChatGLM-6B's ice_text.model (from THUDM's visualglm-6b or chatglm-6b)")
-    return dict(sinks)
+    return {path: len(specs) for path, specs in plans.items()}
