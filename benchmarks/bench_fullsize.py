@@ -159,13 +159,10 @@ def tokenizer_for(hf_path):
 def confine_lm_head(glm_file, vocab_size, name="lm_head.weight"):
     """Zero the rows >= vocab_size of lm_head in a .safetensors file, in place: the random model then only
     picks ids the stand-in tokenizer has."""
-    with open(glm_file, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        entry = json.loads(f.read(header_len))[name]
-    assert entry["dtype"] == "F16", entry
-    rows, cols = entry["shape"]
-    start = 8 + header_len + entry["data_offsets"][0]
-    weight = np.memmap(glm_file, np.float16, "r+", offset=start, shape=(rows, cols))
+    from visualglm.checkpoint_io import read_safetensors_header
+    entry = read_safetensors_header(glm_file)[0][name]
+    assert entry.code == "F16", entry
+    weight = np.memmap(glm_file, np.float16, "r+", offset=entry.begin, shape=entry.shape)
     weight[vocab_size:] = 0
     weight.flush()
     del weight
