@@ -134,3 +134,11 @@ def test_min_new_tokens_beyond_the_room_left_is_refused():
     decoder = _ScriptedDecoder(prompt_length=35, max_length=40)
     with pytest.raises(SequenceTooLongError, match="min_new_tokens 6 exceeds the 5 tokens"):
         next(stream_tokens(decoder, GenerationConfig(min_new_tokens=6), decoder.eos))
+
+
+@pytest.mark.parametrize("top_k, kept", [(3, 3), (16, 16), (10**9, 16)])
+def test_top_k_of_the_whole_vocabulary_or_more_filters_nothing(top_k, kept):
+    from visualglm.generation import FILTER_VALUE, GenerationConfig, process_logits
+    logits = np.random.default_rng(0).standard_normal(16).astype(np.float32)
+    scores = process_logits(logits, [], GenerationConfig(do_sample=True, top_k=top_k))
+    assert int((scores > FILTER_VALUE).sum()) == kept

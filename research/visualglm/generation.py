@@ -190,7 +190,7 @@ def process_logits(logits, generated, config):
     logits /= divisor
     for low, high in config.banned_token_ranges:
         logits[low:high] = FILTER_VALUE
-    if config.top_k > 0:
+    if 0 < config.top_k < logits.shape[0]:   # a top_k of the whole vocabulary or more filters nothing
         kth = np.partition(logits, -config.top_k)[-config.top_k]
         logits[logits < kth] = FILTER_VALUE
     if 0 < config.top_p < 1:

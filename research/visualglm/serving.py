@@ -118,7 +118,7 @@ def build_engine(args):
 def overrides(engine, defaults, request=None, names=None):
     """Generation keyword arguments for VisualGLMChat from the defaults and a request's keys
     (max_length, max_new_tokens, top_p, top_k, temperature, do_sample, repetition_penalty, seed).
-    temperature 0 means greedy; max_length is capped at the model's seq_length, top_k at the vocabulary.
+    temperature 0 means greedy; max_length is capped at the model's seq_length.
     Bad values (wrong type, NaN / infinite, out of range): UserError naming the key as the request spelled
     it (names maps a key to that spelling, e.g. max_new_tokens -> max_tokens)."""
     values = dict(defaults)
@@ -161,9 +161,6 @@ def overrides(engine, defaults, request=None, names=None):
                   temperature=float(values.get("temperature", 1.0)), top_k=int(values.get("top_k", 0)),
                   top_p=float(values.get("top_p", 1.0)),
                   repetition_penalty=float(values.get("repetition_penalty", 1.0)), seed=values.get("seed"))
-    vocab_size = getattr(engine.model.config.text_config, "vocab_size", None)
-    if vocab_size and kwargs["top_k"] > vocab_size:
-        kwargs["top_k"] = vocab_size   # the same filter; more would fail in np.partition
     if kwargs["temperature"] == 0:
         kwargs.update(do_sample=False, temperature=1.0)
     if kwargs["temperature"] < 0:
