@@ -380,8 +380,9 @@ def parse_args(argv=None):
     group.add_argument("--max_image_pixels", type=int, default=4096 * 4096,
                        help="larger images get 413 (default 4096x4096)")
     group.add_argument("--allow_remote_images", action="append", default=[], metavar="HOST",
-                       help="fetch http(s) image URLs from this host (repeatable; '*' for any). Default: none, "
-                            "only data: URLs")
+                       help="fetch http(s) image URLs from this host (repeatable; '*' for any public host; "
+                            "redirects must stay on allowed hosts). Private, loopback and link-local addresses "
+                            "are fetched only from hosts listed by name. Default: none, only data: URLs")
     group.add_argument("--model_name", default=serving.MODEL_NAME, help="the id /v1/models shows")
     return parser.parse_args(argv)
 

@@ -45,7 +45,7 @@ def read_image(text):
     from visualglm import app
     from visualglm.processing import load_image
     if serving.image_source(text) == "url":
-        data = serving.fetch_url(text, ("*",), MAX_DOWNLOAD)
+        data = serving.fetch_url(text, ("*",), MAX_DOWNLOAD, allow_private=True)   # the local user is trusted
         return serving.open_image(data, None)
     path = app.resolve_path(text, app.REPO_ROOT)
     if path is None:

@@ -9,14 +9,19 @@ already waiting, `submit` refuses at once (`QueueFull`) instead of letting the b
 import argparse
 import base64
 import binascii
+import http.client
 import io
+import ipaddress
 import math
 import os
 import queue
 import re
+import socket
 import threading
+import time
 import traceback
 from concurrent.futures import Future
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from visualglm import app
 from visualglm.errors import UserError
@@ -271,29 +276,192 @@ def open_image(data, max_pixels):
     return load_image(bytes(data))
 
 
-def fetch_url(url, allowed_hosts, max_bytes, timeout=10.0):
-    """Bytes of a remote image, only from allowed hosts (exact host names, '*' for any); UserError otherwise."""
-    from urllib.parse import urlparse
-    from urllib.request import Request, urlopen
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise UserError(f"unsupported image URL {url!r}: use a data URL or http(s)")
-    if "*" not in allowed_hosts and parsed.hostname not in allowed_hosts:
-        raise UserError(f"remote image URLs are refused (host {parsed.hostname!r} is not allowed): send the image "
-                        "as a data:image/...;base64 URL, or start the server with --allow_remote_images HOST")
-    try:
-        with urlopen(Request(url, headers={"User-Agent": "visualglm"}), timeout=timeout) as response:
-            data = response.read(max_bytes + 1)
-    except OSError as err:
-        raise UserError(f"cannot fetch the image {url}: {err}") from None
-    if len(data) > max_bytes:
-        raise TooLarge(f"the image at {url} is larger than {max_bytes} bytes")
-    return data
-
-
 def image_source(text):
     """Kind of a CLI image answer: 'url' or 'path'."""
     return "url" if _URL.match(text) else "path"
+
+
+# ----------------------------------------------------------------------------------------------- remote images
+MAX_REDIRECTS = 3
+_REDIRECTS = (301, 302, 303, 307, 308)
+_CHUNK = 64 << 10
+
+
+def fetch_url(url, allowed_hosts, max_bytes, timeout=10.0, allow_private=False):
+    """Bytes of a remote http(s) image. Every hop (at most MAX_REDIRECTS redirects) must be on allowed_hosts
+    (exact host names, '*' for any). Non-public addresses (loopback, private, link-local, ...) are refused
+    unless the host is listed by name or allow_private. TooLarge past max_bytes; `timeout` seconds for the
+    whole fetch; UserError for anything else that goes wrong."""
+    allowed = {host.lower().strip("[]") for host in allowed_hosts}
+    deadline = _Deadline(timeout)
+    hop = url
+    try:
+        for redirects in range(MAX_REDIRECTS + 1):
+            parsed, port = _check_hop(hop, url if redirects else None, allowed)
+            trusted = allow_private or parsed.hostname in allowed
+            data, location = _get(hop, parsed, port, trusted, max_bytes, deadline)
+            if location is None:
+                return data
+            hop = urljoin(hop, location)
+    finally:
+        deadline.cancel()
+    raise UserError(f"cannot fetch the image {url}: more than {MAX_REDIRECTS} redirects: give the image's final URL")
+
+
+def _check_hop(hop, origin, allowed):
+    """(parsed hop, port) when the hop is http(s) on an allowed host; origin: the first URL when the hop is a
+    redirect's target, else None."""
+    parsed = urlsplit(hop)
+    host = parsed.hostname
+    if parsed.scheme not in ("http", "https") or not host:
+        if origin:
+            raise UserError(f"the image URL {origin} redirects to {hop!r}, which is not http(s): send the image "
+                            "as a data:image/...;base64 URL")
+        raise UserError(f"unsupported image URL {hop!r}: use a data URL or http(s)")
+    if "*" not in allowed and host not in allowed:
+        refused = (f"the image URL {origin} redirects to host {host!r}, which is not allowed" if origin else
+                   f"remote image URLs are refused (host {host!r} is not allowed)")
+        raise UserError(f"{refused}: send the image as a data:image/...;base64 URL, or start the server with "
+                        f"--allow_remote_images {host}")
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError as err:
+        raise UserError(f"invalid image URL {hop!r}: {err}") from None
+    return parsed, port
+
+
+def _get(url, parsed, port, trusted, max_bytes, deadline):
+    """One GET: (body, None) for 200, (None, Location) for a redirect; UserError for other statuses and for
+    failures (connection, protocol, deadline)."""
+    kind = http.client.HTTPSConnection if parsed.scheme == "https" else http.client.HTTPConnection
+    conn = kind(parsed.hostname, port)
+    # http.client has no public hook for how it connects; this one checks the addresses it connects to.
+    conn._create_connection = lambda address, *_: _connect(*address, trusted, deadline)
+    try:
+        conn.request("GET", urlunsplit(("", "", parsed.path or "/", parsed.query, "")),
+                     headers={"User-Agent": "visualglm"})
+        with conn.getresponse() as response:
+            if response.status in _REDIRECTS:
+                location = response.getheader("Location")
+                if not location:
+                    raise UserError(f"cannot fetch the image {url}: HTTP {response.status} redirect without a "
+                                    "Location header: give the image's final URL")
+                return None, location
+            if response.status != 200:
+                raise UserError(f"cannot fetch the image {url}: HTTP {response.status} {response.reason}: "
+                                "check the URL")
+            return _read_body(url, response, max_bytes, deadline), None
+    except (OSError, http.client.HTTPException) as err:
+        if isinstance(err, TimeoutError) or deadline.expired():
+            raise UserError(f"cannot fetch the image {url}: no complete answer within {deadline.seconds:g} s: "
+                            "check the host, or send the image as a data URL") from None
+        raise UserError(f"cannot fetch the image {url}: {err}: check the URL and that its host answers") from None
+    finally:
+        conn.close()
+
+
+def _read_body(url, response, max_bytes, deadline):
+    """The body in chunks, refused (TooLarge) as soon as it, or its Content-Length, passes max_bytes."""
+    too_large = TooLarge(f"the image at {url} is larger than {max_bytes} bytes")
+    if (response.length or 0) > max_bytes:
+        raise too_large
+    data = bytearray()
+    while chunk := response.read1(_CHUNK):
+        data += chunk
+        if len(data) > max_bytes:
+            raise too_large
+    deadline.left()   # a body cut short by the deadline's shutdown ends like a whole one: say it timed out
+    return bytes(data)
+
+
+def _connect(host, port, trusted, deadline):
+    """A socket connected to host:port. Unless trusted, every address the host resolves to must be public,
+    and the socket connects to one of these checked addresses: a second lookup could answer differently
+    (DNS rebinding). The lookup itself is bounded by the resolver's own timeouts."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    if not trusted:
+        for *_, address in infos:
+            _check_public(host, address[0])
+    error = None
+    for family, kind, proto, _, address in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(deadline.left())
+            sock.connect(address)
+        except OSError as err:
+            sock.close()
+            error = err
+            continue
+        deadline.watch(sock)
+        return sock
+    raise error
+
+
+def _check_public(host, address):
+    """UserError unless the address is a public one (IPv4-mapped IPv6 addresses judged as IPv4)."""
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    for kind in ("unspecified", "loopback", "link_local", "multicast", "private", "reserved"):
+        if getattr(ip, "is_" + kind):
+            break
+    else:
+        if ip.is_global:
+            return
+        kind = "shared or otherwise non-public"
+    raise UserError(f"refused to fetch an image from host {host!r}: its address {ip} is {kind.replace('_', '-')}, "
+                    "not public (such hosts must be listed by name in --allow_remote_images)")
+
+
+class _Deadline:
+    """The end of one fetch, all hops included. A socket timeout bounds each read alone (a server sending a
+    byte now and then never trips it), so when the time is over a timer shuts the watched sockets down,
+    which ends the read in progress."""
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self._end = time.monotonic() + seconds
+        self._sockets, self._over = [], False
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def expired(self):
+        return time.monotonic() >= self._end
+
+    def left(self):
+        """Seconds left; TimeoutError when none."""
+        left = self._end - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no answer within {self.seconds:g} s")
+        return left
+
+    def watch(self, sock):
+        # A duplicate: TLS takes sock's descriptor over (sock itself is closed then); both name one connection.
+        with self._lock:
+            self._sockets.append(sock.dup())
+            if self._over:
+                _shutdown(self._sockets[-1])
+
+    def _expire(self):
+        with self._lock:
+            self._over = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+    def cancel(self):
+        self._timer.cancel()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets = []
+
+
+def _shutdown(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:   # already closed by its peer
+        pass
 
 
 # ----------------------------------------------------------------------------------------------- worker
