@@ -60,6 +60,24 @@ import time
 
 import numpy as np
 
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--shapes", default="tiny,mid,real", help="comma-separated: tiny, mid, real")
+    parser.add_argument("--new_tokens", type=int, default=256, help="tokens decoded per generation")
+    parser.add_argument("--seq_length", type=int, default=512, help="our KV-cache length (the yaml's 512)")
+    parser.add_argument("--recompute_samples", type=int, default=None,
+                        help="time recompute at this many evenly spaced steps (0: every step); "
+                             "default: every step for tiny, 32 for mid, 8 for real")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--no_peer", action="store_true", help="skip the SAT peer")
+    return parser
+
+
+if __name__ == "__main__":
+    ARGS = build_parser().parse_args()   # before MindSpore loads: --help answers at once
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from sat_peer import sample_steps, timed  # noqa: E402  (numpy only: torch and SAT load in the peer's process)
 
@@ -398,22 +416,11 @@ def print_table(results, args):
                   f"{r['sat_cached_ms']:.2f} {'PASS' if ok else 'FAIL'}")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--shapes", default="tiny,mid,real", help="comma-separated: tiny, mid, real")
-    parser.add_argument("--new_tokens", type=int, default=256, help="tokens decoded per generation")
-    parser.add_argument("--seq_length", type=int, default=512, help="our KV-cache length (the yaml's 512)")
-    parser.add_argument("--recompute_samples", type=int, default=None,
-                        help="time recompute at this many evenly spaced steps (0: every step); "
-                             "default: every step for tiny, 32 for mid, 8 for real")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--no_peer", action="store_true", help="skip the SAT peer")
-    args = parser.parse_args(argv)
+def main(args):
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
-        parser.error(f"unknown shape(s) {unknown}: choose from {sorted(SHAPES)}")
+        build_parser().error(f"unknown shape(s) {unknown}: choose from {sorted(SHAPES)}")
     ms.set_device("CPU")
     ms.device_context.cpu.op_tuning.threads_num(args.threads)
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
@@ -426,4 +433,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)

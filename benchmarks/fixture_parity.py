@@ -9,13 +9,6 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import mindspore as ms
-from mindspore import Tensor
-
-from visualglm.configuration import VisualGLMConfig
-from visualglm.conversion import convert_checkpoint
-from visualglm.generation import CachedDecoder, greedy_search
-from visualglm.modeling import build_model, load_weights
 
 STAGES = {"vit_out": "vit_out", "qformer_out": "qformer_out", "image_embeds": "image_embeds",
           "input_embeds": "input_embeds", "glm_final_hidden": "glm_final_hidden", "logits": "prefill_logits"}
@@ -26,6 +19,12 @@ def main():
     parser.add_argument("--fixture", default=str(Path(__file__).resolve().parents[2] / "shared" / "fixtures"
                                                  / "visualglm_tiny_sat"))
     args = parser.parse_args()
+    import mindspore as ms    # after the arguments: --help answers at once
+    from mindspore import Tensor
+    from visualglm.configuration import VisualGLMConfig
+    from visualglm.conversion import convert_checkpoint
+    from visualglm.generation import CachedDecoder, greedy_search
+    from visualglm.modeling import build_model, load_weights
     ms.set_context(mode=ms.GRAPH_MODE, device_target="CPU")
     fixture = Path(args.fixture)
     inputs, golden = np.load(fixture / "inputs.npz"), np.load(fixture / "golden.npz")

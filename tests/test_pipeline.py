@@ -24,7 +24,7 @@ def script_run(tmp_path_factory, chatglm_tokenizer, chat_checkpoint, chatglm_voc
     tmp = tmp_path_factory.mktemp("pipeline_run")
     config = write_tiny_yaml(tmp / "tiny.yaml", chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file)
     args = ["--config", config, "--input_file", "examples/example_inputs.jsonl", "--batch_size", "2",
-            "--max_new_tokens", "5", "--device_target", "CPU"]
+            "--max_new_tokens", "5", "--device_target", "CPU", "--verbose"]
     pool = ThreadPoolExecutor(max_workers=1)
     future = pool.submit(run_script, SCRIPTS / "run_visualglm_pipeline.py", args, SCRIPTS, script_env(tmp))
     yield future
@@ -107,7 +107,9 @@ def test_bad_pipeline_inputs(make_pipe, chat_model):
 def test_pipeline_script_from_the_script_folder(script_run, engine):
     result = script_run.result()
     assert_ok(result)
-    assert "batch_size is 2" in result.stdout
+    # --verbose: MindFormers' info lines on stderr; stdout holds the Response lines only
+    assert "batch_size is 2" in result.stderr and "batch_size is" not in result.stdout
+    assert all(line.startswith("Response: [") for line in result.stdout.splitlines())
     pairs = jsonl_pairs()
     images = [str(REPO / image) for image, _ in pairs]
     assert responses(result.stdout) == [engine.generate(images, [p for _, p in pairs], max_new_tokens=5)]

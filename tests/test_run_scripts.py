@@ -80,6 +80,11 @@ def responses(stdout):
             if line.startswith("Response: ")]
 
 
+def responses_lines(stdout):
+    """The `Response: [...]` lines of stdout (a run without --stream prints nothing else there)."""
+    return [line for line in stdout.splitlines() if line.startswith("Response: ")]
+
+
 def assert_ok(result):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -273,7 +278,7 @@ def test_whole_model_checkpoint_replaces_the_yaml_parts(tmp_path, capsys, engine
             PAIRS[1][1], "--max_new_tokens", str(NEW_TOKENS), "--device_target", "CPU"]
     code, out, err = run_in_process(argv, capsys)
     assert code == 0, err
-    assert out.splitlines()[0].startswith("Namespace(")
+    assert err.splitlines()[0].startswith("Namespace(") and out.splitlines() == responses_lines(out)
     assert responses(out) == [expected(engine, PAIRS[1:2])]
 
 
@@ -296,7 +301,8 @@ def test_pairs_from_the_repository_root_in_chunks_of_two(script_runs, engine):
     result = script_runs["pairs"].result()
     assert_ok(result)
     lines = [line for line in result.stdout.splitlines() if line.strip()]
-    assert any(line.startswith("Namespace(") and "batch_size=2" in line for line in lines)
+    assert any(line.startswith("Namespace(") and "batch_size=2" in line for line in result.stderr.splitlines())
+    assert lines == responses_lines(result.stdout)     # stdout: the answers only
     assert lines[-1].startswith("Response: [")
     assert responses(result.stdout) == [expected(engine, PAIRS)]
     assert len(set(responses(result.stdout)[0])) == 3

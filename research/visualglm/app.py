@@ -8,6 +8,7 @@ the repository root, so the README's commands work from the root and from resear
 import json
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -382,10 +383,11 @@ def check_lengths(samples, processor, config, generation, english=False):
 
 
 def prepare(args):
-    """What the generate scripts do first: print the parsed arguments (as upstream's scripts do), check them,
+    """What the generate scripts do first: print the parsed arguments (as upstream's scripts do, but on stderr:
+    stdout carries the answers only), check them,
     collect the samples (every image checked before the model is built), build the components.
     Returns (samples, components)."""
-    print(args, flush=True)
+    print(args, file=sys.stderr, flush=True)
     check_arguments(args)
     samples = collect_samples(args)
     return samples, build_components(args, samples)

@@ -18,6 +18,24 @@ def run_main(main, argv=None):
         sys.exit(130)
 
 
+class _VerboseAction(argparse.Action):
+    """--verbose takes effect while the arguments are parsed, before any library logs."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=False, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from visualglm import logs
+        logs.set_verbose(True)
+        setattr(namespace, self.dest, True)
+
+
+def add_verbose_arg(parser):
+    parser.add_argument("--verbose", action=_VerboseAction,
+                        help="also show MindFormers' warnings and info lines (on stderr; default: errors only)")
+    return parser
+
+
 def str2bool(value):
     """argparse type for true/false flags written as words (the MindFormers scripts' convention)."""
     lowered = str(value).strip().lower()
@@ -62,6 +80,7 @@ def add_model_args(parser, default_config, default_batch_size=1):
                             "last one padded (default: %(default)s)")
     group.add_argument("--use_past", type=optional_bool, nargs="?", const=True, default=True,
                        help="decode with the KV cache (true) or recompute every step (false); default: true")
+    add_verbose_arg(group)
     return group
 
 

@@ -32,7 +32,6 @@ from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 from visualglm.chat import VisualGLMChat
 from visualglm.errors import UserError
 from visualglm.generation import GenerationConfig
-from visualglm.processing import VisualGLMImageProcessor, VisualGLMProcessor
 
 __all__ = ["TASK", "VisualGLMImageToTextPipeline"]
 
@@ -76,6 +75,9 @@ class VisualGLMImageToTextPipeline(Pipeline):
         self.binary_output = False
         self.feature_extractor = feature_extractor
         if processor is None:
+            # Imported here: MindFormers' first import (e.g. from visualglm.processing) registers this module
+            # (visualglm.logs), and processing may then be half-initialised.
+            from visualglm.processing import VisualGLMImageProcessor, VisualGLMProcessor
             if tokenizer is None:
                 raise UserError(f"{TASK} needs a tokenizer (or a VisualGLMProcessor as processor=)")
             if image_processor is None:

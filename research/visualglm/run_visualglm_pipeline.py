@@ -4,15 +4,11 @@
     python research/visualglm/run_visualglm_pipeline.py --device_target CPU --batch_size 2 \
         --input_file examples/example_inputs.jsonl --max_new_tokens 64
 
-Same arguments as run_visualglm.py (without --stream). Prints the parsed arguments, logs `batch_size is {n}`,
-then prints `Response: ['answer 1', 'answer 2']`.
+Same arguments as run_visualglm.py (without --stream). Prints the parsed arguments and (with --verbose) logs
+`batch_size is {n}` on stderr, then prints `Response: ['answer 1', 'answer 2']` on stdout.
 """
-from visualglm import app   # first: it keeps MindFormers' log folder out of the current folder
+from visualglm import app
 from visualglm.cli import generate_parser, run_main
-from visualglm.pipeline import TASK
-
-from mindformers import pipeline  # noqa: E402  pylint: disable=wrong-import-order
-from mindformers.tools.logger import logger  # noqa: E402  pylint: disable=wrong-import-order
 
 
 def parse_args(argv=None):
@@ -21,6 +17,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    from mindformers import pipeline   # after the arguments: --help answers at once
+    from mindformers.tools.logger import logger
+    from visualglm.pipeline import TASK
     samples, parts = app.prepare(args)
     generation = {k: v for k, v in vars(parts.generation).items() if k != "banned_token_ranges"}
     pipe = pipeline(task=TASK, model=parts.model, image_processor=parts.image_processor,

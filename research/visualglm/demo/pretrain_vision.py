@@ -108,3 +108,11 @@ def accuracy(net, pixels, targets, batch_size=256):
         predictions.append(np.stack([logits[:, start:end].argmax(-1) for start, end in HEAD_COLUMNS], -1))
     predictions = np.concatenate(predictions)
     return {name: float((predictions[:, i] == targets[:, i]).mean()) for i, (name, _) in enumerate(HEADS)}
+
+
+if __name__ == "__main__":
+    import argparse
+    argparse.ArgumentParser(
+        description="Stage 0 of the demo recipe (a library module: train_demo.py runs it).",
+        epilog="Run the whole recipe with: python research/visualglm/demo/train_demo.py --help").parse_args()
+    raise SystemExit("pretrain_vision.py is run by train_demo.py: python research/visualglm/demo/train_demo.py")
