@@ -259,13 +259,13 @@ def _write(tmp_path, content, name="dataset.json"):
 def test_read_dataset_json(tmp_path):
     (tmp_path / "pics").mkdir()
     path = _write(tmp_path, [{"img": "pics/a.png", "prompt": "问题", "label": "答案"},
-                             {"label": "L", "img": "/abs/b.png", "prompt": "P", "extra": 1},
+                             {"label": "L", "img": str(tmp_path / "pics" / "b.png"), "prompt": "P", "extra": 1},
                              {"image": "c.png", "question": "Q", "answer": "A", "more": "x"},   # positional
                              {"image": "d.png"}, {"image": "e.png", "q": "Q"},
                              {"img": "f.png"}])
     assert read_dataset_json(path) == [
         FinetuneSample(str(tmp_path / "pics" / "a.png"), "问题", "答案"),
-        ("/abs/b.png", "P", "L"),
+        (str(tmp_path / "pics" / "b.png"), "P", "L"),         # absolute, inside the json's folder
         (str(tmp_path / "c.png"), "Q", "A"),
         (str(tmp_path / "d.png"), "", ""),
         (str(tmp_path / "e.png"), "Q", ""),

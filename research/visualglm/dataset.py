@@ -1,8 +1,8 @@
 """The LoRA-finetuning dataset (spec §15.1, §15.2, §15.5).
 
 * `read_dataset_json(path)`: the THUDM `dataset.json` (a list of `{"img", "prompt", "label"}`) as a list of
-  `FinetuneSample(image, prompt, label)`, with image paths resolved; `check_images(samples)` checks every
-  image before training.
+  `FinetuneSample(image, prompt, label)`, with image paths resolved and confined to an image root (default:
+  the dataset file's folder); `check_images(samples)` checks every image before training.
 * `build_sample(...)`: one training sample (§15.2) as a dict in the column order `COLUMN_NAMES`:
 
   ========================  =====================  ==================================================
@@ -24,6 +24,7 @@
   `VisualGLMDataLoader` (§15.5).
 * `build_finetune_dataset(...)`: a batched, sharded `mindspore.dataset.GeneratorDataset`.
 """
+import codecs
 import json
 import logging
 import operator
@@ -92,36 +93,75 @@ def _short(value, limit=60):
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _resolve_image(img, folder):
-    """`img` relative to the json's folder; if no file is there but one is relative to the current directory
-    (THUDM's fewshot-data layout: "fewshot-data/2p.png" next to the folder), that one."""
-    img = os.path.expanduser(img)
-    if os.path.isabs(img):
-        return os.path.normpath(img)
-    path = os.path.normpath(os.path.join(folder, img))
-    if not os.path.exists(path) and os.path.isfile(img):
-        return os.path.abspath(img)
+def _inside(path, root):
+    """Whether real path `path` is `root` or under it (by components: /data2 is not inside /data)."""
+    return os.path.commonpath([path, root]) == root
+
+
+def _image_root(image_root, path):
+    """The real folder the image paths of dataset file `path` must stay in: `image_root`, default the file's
+    folder."""
+    if image_root is None:
+        return os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    folder = os.path.expanduser(os.fspath(image_root))
+    if not os.path.isdir(folder):
+        raise UserError(f"image root {folder!r} is not a folder")
+    return os.path.realpath(folder)
+
+
+def _resolve_image(img, root, where):
+    """The real path of image `img` of entry `where`, relative to `root` or absolute; it must lie inside `root`
+    (real paths, so neither '..' nor a symlink leads out: a dataset file must not make training read any file).
+    If `root/img` does not exist but `img` relative to the current directory is a file inside `root`, that one:
+    THUDM's fewshot-data/dataset.json names its images "fewshot-data/2p.png", relative to the folder above."""
+    if "\0" in img:
+        raise UserError(f"{where}: image path {img!r} contains a NUL byte")
+    expanded = os.path.expanduser(img)
+    path = os.path.realpath(os.path.join(root, expanded))
+    if not os.path.exists(path) and os.path.isfile(expanded):
+        fallback = os.path.realpath(expanded)
+        if _inside(fallback, root):
+            return fallback
+    if not _inside(path, root):
+        raise UserError(f"{where}: image path {img!r} leads outside the image root {root} (to {path}); "
+                        f"move the image under {root} or pass --image_root with a folder that holds it")
     return path
 
 
-def read_dataset_json(path, require_label=False):
+def _read_text(path):
+    """The text of the UTF-8 dataset file `path` (a leading BOM dropped); other bytes are a UserError saying
+    where: the line of a .jsonl file, else the byte offset."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        raise UserError(f"cannot read dataset file {path}: {err.strerror or err}") from None
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        offset = bom + err.start
+        lineno = data.count(b"\n", 0, offset) + 1
+        where = f"line {lineno}" if path.endswith(".jsonl") else f"byte offset {offset}"
+        raise UserError(f"{path} {where}: not UTF-8 text (byte 0x{data[offset]:02x}); save the file as UTF-8") \
+            from None
+
+
+def read_dataset_json(path, require_label=False, image_root=None):
     """The samples of a finetuning `dataset.json` (spec §15.1) as a list of `FinetuneSample`.
 
-    The file is a JSON list of objects `{"img": path, "prompt": question, "label": answer}` (a `.jsonl` file:
-    one object per line). Objects without those keys are read like MindFormers does, by the first three
-    values in order. Image paths are resolved relative to the json file's folder (falling back to the current
-    directory when only that has the file). Malformed files raise a UserError naming the entry and field.
-    With `require_label` (finetuning) an entry whose label is missing or blank is such an error too: it would
-    train the model to answer nothing."""
+    The file is a UTF-8 JSON list of objects `{"img": path, "prompt": question, "label": answer}` (a `.jsonl`
+    file: one object per line). Objects without those keys are read like MindFormers does, by the first three
+    values in order. Image paths are resolved relative to `image_root` (default: the json file's folder;
+    falling back to the current directory when only that has the file) and must stay inside it, also through
+    symlinks. A file that is not UTF-8 or is malformed raises a UserError naming where (line, byte offset or
+    entry, and field). With `require_label` (finetuning) an entry whose label is missing or blank is such an
+    error too: it would train the model to answer nothing."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise UserError(f"dataset file not found: {path}")
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read dataset file {path}: {err}") from None
-    folder = os.path.dirname(os.path.abspath(path))
+    text = _read_text(path)
+    root = _image_root(image_root, path)
     entries = []
     if path.endswith(".jsonl"):
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -143,14 +183,15 @@ def read_dataset_json(path, require_label=False):
         entries = [(f"{path} entry {i} (counting from 0)", entry) for i, entry in enumerate(data)]
     if not entries:
         raise UserError(f"{path} holds no samples")
-    samples = []
-    for where, entry in entries:
-        img, prompt, label = _entry_fields(entry, where)
-        if require_label and not label.strip():
-            raise UserError(f"{where}: no label (the answer to train on is missing or empty); give every entry "
-                            f"a non-empty \"label\" or remove the entry")
-        samples.append(FinetuneSample(_resolve_image(img, folder), prompt, label))
-    return samples
+    # Every entry's text is checked before any image path: what the file itself gets wrong comes first,
+    # whatever the image folders hold.
+    fields = [(where, *_entry_fields(entry, where)) for where, entry in entries]
+    if require_label:
+        for where, _, _, label in fields:
+            if not label.strip():
+                raise UserError(f"{where}: no label (the answer to train on is missing or empty); give every "
+                                f"entry a non-empty \"label\" or remove the entry")
+    return [FinetuneSample(_resolve_image(img, root, where), prompt, label) for where, img, prompt, label in fields]
 
 
 def check_images(samples):
@@ -439,7 +480,7 @@ def _distributed():
 def build_finetune_dataset(data, processor, config, batch_size, *, max_source_length=64, max_target_length=256,
                            random_mapping=True, scale=None, num_iters=None, data_parallel=None, rank_id=None,
                            rank_size=None, image_processor=None, check=True, drop_remainder=True,
-                           image_cache_size=256):
+                           image_cache_size=256, image_root=None):
     """The finetuning `GeneratorDataset`, batched: columns `COLUMN_NAMES` (ints int32, mask bool, image
     float32), `batch_size` rows per batch (per rank).
 
@@ -452,8 +493,10 @@ def build_finetune_dataset(data, processor, config, batch_size, *, max_source_le
         data_parallel: ranks in the scale formula; default rank_size.
         rank_id, rank_size: shard of this process; default from an initialised mindspore.communication.
         check: check every image file before building (`check_images`).
+        image_root: the folder a dataset.json's image paths are resolved against and confined to (default: its
+            folder).
     """
-    samples = read_dataset_json(data) if isinstance(data, (str, os.PathLike)) else \
+    samples = read_dataset_json(data, image_root=image_root) if isinstance(data, (str, os.PathLike)) else \
         [FinetuneSample(*sample) for sample in data]
     if check:
         check_images(samples)

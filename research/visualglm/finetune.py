@@ -98,7 +98,8 @@ def run_finetune(args):
     dataset_path = app.resolve_path(dataset_json, app.REPO_ROOT)
     if dataset_path is None:
         raise UserError(f"dataset file not found: {dataset_json}")
-    samples = read_dataset_json(dataset_path, require_label=True)     # malformed entries and missing images fail before the model
+    samples = read_dataset_json(dataset_path, require_label=True,     # malformed entries and missing images fail before the model
+                                image_root=args.image_root)
 
     settings = app.load_settings(argparse.Namespace(
         config=config_path, device_target=args.device_target, device_id=args.device_id,
@@ -213,6 +214,9 @@ def add_finetune_args(parser):
     parser.add_argument("--checkpoint", default=None, help="base model checkpoint (Q-Former or whole model)")
     parser.add_argument("--vocab_file", default=None, help="tokenizer model (overrides the yaml)")
     parser.add_argument("--dataset_dir", default=None, help="dataset.json (overrides train_dataset.data_loader)")
+    parser.add_argument("--image_root", default=None,
+                        help="folder the dataset's image paths are resolved against and confined to "
+                             "(default: the dataset file's folder)")
     parser.add_argument("--num_iters", type=int, default=None, help="overrides lr_schedule.num_iters")
     parser.add_argument("--save_steps", type=int, default=None, help="checkpoint every N steps (default: the yaml's)")
     parser.add_argument("--log_steps", type=int, default=1, help="log every N steps")
