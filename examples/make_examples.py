@@ -7,10 +7,13 @@ Only PIL drawing primitives are used (no fonts, no randomness), so the images ar
 """
 import argparse
 import os
+import sys
 
 from PIL import Image, ImageDraw
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "research"))   # the package, installed or not
+from visualglm.fileio import atomic_write  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def red_circle():
@@ -70,10 +73,11 @@ def main(folder=HERE):
     for name, draw in EXAMPLES.items():
         path = os.path.join(folder, name)
         image = draw()
-        if name.endswith(".jpg"):
-            image.save(path, quality=90, optimize=False, progressive=False)
-        else:
-            image.save(path, optimize=False)
+        with atomic_write(path) as tmp:
+            if name.endswith(".jpg"):
+                image.save(tmp, quality=90, optimize=False, progressive=False)
+            else:
+                image.save(tmp, optimize=False)
         print(f"wrote {path} {image.size[0]}x{image.size[1]}")
 
 

@@ -10,8 +10,12 @@ import argparse
 import json
 import os
 import random
+import sys
 
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "research"))
+from visualglm.fileio import atomic_write  # noqa: E402  pylint: disable=wrong-import-position
 
 SIZE = 224
 PROMPT = "这张图片的背景里有什么内容？"
@@ -119,13 +123,13 @@ def make_dataset(out_dir):
     for index, (name, draw, label) in enumerate(SCENES):
         img = draw(random.Random(index))
         # few colours: a palette PNG keeps the files small; no timestamps, so the bytes are reproducible
-        img.quantize(colors=32, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-            os.path.join(out_dir, f"{name}.png"), optimize=True)
+        with atomic_write(os.path.join(out_dir, f"{name}.png")) as tmp:
+            img.quantize(colors=32, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(tmp, optimize=True)
         entries.append({"img": f"{name}.png", "prompt": PROMPT, "label": label})
-    with open(os.path.join(out_dir, "dataset.json"), "w", encoding="utf-8") as f:
+    with atomic_write(os.path.join(out_dir, "dataset.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(entries, f, ensure_ascii=False, indent=2)
         f.write("\n")
-    with open(os.path.join(out_dir, "finetune_inputs.jsonl"), "w", encoding="utf-8") as f:
+    with atomic_write(os.path.join(out_dir, "finetune_inputs.jsonl")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(json.dumps({"id": 1, "text": PROMPT, "image": "finetune/sea.png"}, ensure_ascii=False) + "\n")
     return entries
 

@@ -11,10 +11,10 @@ their shards, or a single `model.safetensors` / `pytorch_model.bin`) or one of t
 one tensor at a time; outputs ending in `.safetensors` are MindSpore safetensors files, others `.ckpt`.
 """
 import argparse
-import signal
 
 from visualglm.cli import run_main
 from visualglm.conversion import convert_checkpoint
+from visualglm.fileio import sigterm_as_interrupt
 
 
 def parse_args(argv=None):
@@ -48,20 +48,13 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt   # SIGTERM cleans up like Ctrl-C: temporary files are removed
-
-
 def main(argv=None):
     args = parse_args(argv)
     outputs = {part: getattr(args, f"{part}_mindspore_path") for part in ("vit", "qformer", "glm")
                if getattr(args, f"{part}_convert_flag")}
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    try:
+    with sigterm_as_interrupt():   # a kill cleans up like Ctrl-C: the temporary files are removed
         convert_checkpoint(args.torch_path, outputs, config=args.config, qkv_layout=args.qkv_layout,
                            dtype=args.dtype, show_progress=not args.no_progress, log=print)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 import argparse
 
 from visualglm.cli import run_main
+from visualglm.fileio import sigterm_as_interrupt
 from visualglm.finetune import add_finetune_args, run_finetune
 
 
@@ -12,7 +13,8 @@ def main(argv=None):
     parser = add_finetune_args(argparse.ArgumentParser(description=__doc__.split("\n", 1)[0]))
     args = parser.parse_args(argv)
     print(args, flush=True)
-    result = run_finetune(args)
+    with sigterm_as_interrupt():   # a kill removes the checkpoint being written, like Ctrl-C
+        result = run_finetune(args)
     print(f"finished {result['steps']} steps; LoRA weights: {result['trainable_checkpoint']}", flush=True)
 
 

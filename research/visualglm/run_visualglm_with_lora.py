@@ -14,6 +14,7 @@ import os
 from visualglm import app
 from visualglm.cli import generate_parser, run_main
 from visualglm.errors import UserError
+from visualglm.fileio import sigterm_as_interrupt
 
 DEFAULT_CONFIG = os.path.join(app.PACKAGE_DIR, "run_visualglm_lora.yaml")
 DEFAULT_MERGED = ""   # bare --merge_output: next to the LoRA file (merged_output_path)
@@ -103,7 +104,8 @@ def main(argv=None):
     components.model.set_train(False)
     print(f"------------------- lora checkpoint: {lora_path}", flush=True)
     if merge_output:
-        count = save_merged_checkpoint(components.model, merge_output)
+        with sigterm_as_interrupt():   # a kill removes the half-written file, like Ctrl-C
+            count = save_merged_checkpoint(components.model, merge_output)
         print(f"merged {count} LoRA weights into {merge_output}", flush=True)
     return app.run_generation(app.build_engine(components, args), samples, args)
 

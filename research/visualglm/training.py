@@ -19,6 +19,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.train.callback import Callback
 
 from visualglm.errors import UserError
+from visualglm.fileio import atomic_write
 from visualglm.lora import LORA_MARK
 
 IGNORE_INDEX = -100
@@ -154,16 +155,10 @@ def check_output_dir(path, what, files=(), folders=()):
             _check_folder_writable(folder, what)
 
 def atomic_save(save, path):
-    """save(tmp_path) then rename: a kill during the save never leaves a partial file at `path`."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.ckpt"
-    try:
+    """save(tmp_path) then rename: a failure or kill during the save never leaves a partial file at `path`, nor a
+    temporary file beside it (fileio.atomic_write)."""
+    with atomic_write(path) as tmp:
         save(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def training_state(train_step):
@@ -228,14 +223,26 @@ class CheckpointSaver(Callback):
             def write(tmp):
                 with open(tmp, "w", encoding="utf-8") as f:
                     f.write(text)
-            atomic_save(write, os.path.join(self.state_dir, RUN_SETTINGS))
+            self._write(write, os.path.join(self.state_dir, RUN_SETTINGS))
+        # The training state first: the largest file (where a full disk most likely stops the save, every file
+        # then as it was) and what --resume reads, so the LoRA file is never of a step without a saved state.
+        state_path = os.path.join(self.state_dir, f"visualglm_rank_{self.rank}-{epoch}_{step}.ckpt")
+        self._write(lambda tmp: ms.save_checkpoint(training_state(self.train_step), tmp), state_path)
         lora = [p for p in self.train_step.optimizer.parameters if LORA_MARK in p.name] or \
             list(self.train_step.optimizer.parameters)
-        atomic_save(lambda tmp: ms.save_checkpoint(lora, tmp), self.trainable_path)
-        state_path = os.path.join(self.state_dir, f"visualglm_rank_{self.rank}-{epoch}_{step}.ckpt")
-        atomic_save(lambda tmp: ms.save_checkpoint(training_state(self.train_step), tmp), state_path)
+        self._write(lambda tmp: ms.save_checkpoint(lora, tmp), self.trainable_path)
         for old in sorted(list_state_checkpoints(self.state_dir), key=_step_of)[:-self.keep]:
             os.remove(old)
+
+    @staticmethod
+    def _write(save, path):
+        """atomic_save; a full disk or a read-only folder is one line naming the file. A file keeps its previous
+        content unless the new one is complete, and old training states are pruned only after a complete save."""
+        try:
+            atomic_save(save, path)
+        except OSError as err:
+            raise UserError(f"cannot write {path}: {err.strerror or err}; free space or choose another "
+                            "--output_dir") from None
 
     def step_end(self, run_context):
         args = run_context.original_args()

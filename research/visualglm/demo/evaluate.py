@@ -19,6 +19,8 @@ import tempfile
 import time
 from argparse import Namespace
 
+from visualglm.fileio import atomic_write, write_text_atomic
+
 QUESTION_TYPES = ("description", "colour", "shape", "count")
 LANGUAGES = ("zh", "en")
 # The bar: held-out accuracy per language on the base questions, and the LoRA's new concept.
@@ -173,11 +175,10 @@ def write_report(summary, json_path, md_path):
                                       "data", "vision", "stage1", "stage2", "vision_seconds",
                                       "stage1_seconds", "stage2_seconds",
                                       "total_seconds", "evaluation") if k in summary}
-    with open(json_path, "w", encoding="utf-8") as f:
+    with atomic_write(json_path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(report, f, ensure_ascii=False, indent=1)
         f.write("\n")
-    with open(md_path, "w", encoding="utf-8") as f:
-        f.write(markdown(summary))
+    write_text_atomic(md_path, markdown(summary))
 
 
 def main(argv=None):
@@ -207,7 +208,7 @@ def main(argv=None):
     for qtype in QUESTION_TYPES + ("all",):
         print(f"{qtype:14s} " + " ".join(f"{_cell(result, lang, qtype):>16s}" for lang in LANGUAGES + ("all",)))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
+        with atomic_write(args.json) as tmp, open(tmp, "w", encoding="utf-8") as f:
             json.dump(result, f, ensure_ascii=False, indent=1)
     return result
 

@@ -35,6 +35,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from visualglm.fileio import atomic_write
+
 # name -> (Chinese, English singular, English plural)
 SHAPES = {
     "circle": ("圆形", "circle", "circles"),
@@ -255,7 +257,7 @@ def write_split(out, split, count, seed, size=IMAGE_SIZE):
     for index in range(count):
         scene, data, records = make_sample(seed, split, index, size)
         name = f"images/{split}_{index:05d}.png"
-        with open(os.path.join(folder, name), "wb") as f:
+        with atomic_write(os.path.join(folder, name)) as tmp, open(tmp, "wb") as f:
             f.write(data)
         for qtype, lang, prompt, label, concept in records:
             entries.append({"img": name, "prompt": prompt, "label": label})
@@ -269,7 +271,7 @@ def write_split(out, split, count, seed, size=IMAGE_SIZE):
 
 
 def _write_json(path, data):
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, ensure_ascii=False, indent=0)
         f.write("\n")
 
@@ -331,7 +333,7 @@ def write_examples(folder, size=224):
     os.makedirs(folder, exist_ok=True)
     for name, scene in EXAMPLE_SCENES.items():
         path = os.path.join(folder, name)
-        with open(path, "wb") as f:
+        with atomic_write(path) as tmp, open(tmp, "wb") as f:
             f.write(png_bytes(draw_scene(scene, size)))
         paths.append(path)
     return paths

@@ -10,6 +10,8 @@ import os
 import shutil
 import tempfile
 
+from visualglm.fileio import atomic_write
+
 USER_SYMBOLS = ["<n>", "<|tab|>"] + [f"<|blank_{n}|>" for n in range(2, 81)]
 CONTROL_SYMBOLS = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]
 # The prompt template around the image slots and the question (processing.build_prompt), with "\n" as <n>.
@@ -56,8 +58,8 @@ def train_tokenizer(lines, out_path, words=(), vocab_size=640, seed=1234):
                 normalization_rule_name="identity", remove_extra_whitespaces=False,
                 split_digits=True, pretokenization_delimiter=DELIMITER, num_threads=1, input_sentence_size=0, shuffle_input_sentence=False,
                 minloglevel=2, logstream=sink)
-        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-        shutil.copyfile(prefix + ".model", out_path)
+        with atomic_write(out_path) as tmp:
+            shutil.copyfile(prefix + ".model", tmp)
     return out_path
 
 

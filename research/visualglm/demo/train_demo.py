@@ -26,6 +26,8 @@ import time
 
 import numpy as np
 
+from visualglm.fileio import atomic_write, sigterm_as_interrupt, write_text_atomic
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACKAGE_DIR = os.path.dirname(HERE)
 REPO_ROOT = os.path.dirname(os.path.dirname(PACKAGE_DIR))
@@ -138,8 +140,7 @@ def finetune_yaml(vocab, vocab_path, checkpoint, dataset, stage, seed, lora, siz
 def write_yaml(path, data, header=""):
     import yaml
     text = yaml.safe_dump(data, allow_unicode=True, sort_keys=False, width=120)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(header + text)
+    write_text_atomic(path, header + text)
     return path
 
 
@@ -202,8 +203,14 @@ def save_model(model, path):
     from visualglm.lora import LORA_MARK
     params = [{"name": p.name, "data": ms.Tensor(p.asnumpy().astype(np.float32))} for p in model.get_parameters()
               if not p.name.endswith(("key_past", "value_past")) and LORA_MARK not in p.name]
-    ms.save_checkpoint(params, path)
+    with atomic_write(path) as tmp:
+        ms.save_checkpoint(params, tmp)
     return path
+
+
+def copy_atomic(src, dst):
+    with atomic_write(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def count_parameters(path):
@@ -228,7 +235,7 @@ def first_entries(path, count, name):
     with open(path, encoding="utf-8") as f:
         entries = json.load(f)[:count]
     out = os.path.join(os.path.dirname(path), name)
-    with open(out, "w", encoding="utf-8") as f:
+    with atomic_write(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(entries, f, ensure_ascii=False, indent=0)
     return out, len(entries)
 
@@ -301,7 +308,7 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
                              finetune_yaml(vocab, vocab_path, base_path, lora_set, s2, seed, True, sizes))
     result2 = run_stage(stage2_yaml, lora_set, os.path.join(out, "stage2"), seed, s2["batch_size"], s2["num_iters"])
     lora_path = os.path.join(out, "visualglm_demo_lora.ckpt")
-    shutil.copyfile(result2["trainable_checkpoint"], lora_path)
+    copy_atomic(result2["trainable_checkpoint"], lora_path)
     print(f"stage 2: {result2['steps']} steps in {result2['seconds']:.0f} s, loss "
           f"{np.mean(result2['losses'][:20]):.3f} -> {np.mean(result2['losses'][-50:]):.4f}", flush=True)
 
@@ -324,7 +331,7 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
                                                         batch_size=eval_batch_size)
         summary["eval_seconds"] = round(time.time() - t_eval, 1)
     summary["total_seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+    with atomic_write(os.path.join(out, "summary.json")) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(summary, f, ensure_ascii=False, indent=1)
     if not skip_eval:
         evaluation.write_report(summary, os.path.join(out, "eval.json"), os.path.join(out, "eval.md"))
@@ -352,7 +359,7 @@ def ship(out, summary):
     from visualglm.tokenization import ChatGLMTokenizer
     os.makedirs(SHIP_DIR, exist_ok=True)
     for name in SHIPPED_FILES:
-        shutil.copyfile(os.path.join(out, name), os.path.join(SHIP_DIR, name))
+        copy_atomic(os.path.join(out, name), os.path.join(SHIP_DIR, name))
     rel = os.path.relpath(SHIP_DIR, REPO_ROOT).replace(os.sep, "/")
     vocab = ChatGLMTokenizer(os.path.join(SHIP_DIR, "demo_tokenizer.model"))
     sizes = summary["model"]
@@ -390,8 +397,9 @@ def main(argv=None):
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")
         overrides[section][name] = json.loads(value) if value[:1] in "0123456789-[{\"tf" else value
-    summary = train(args.out, args.seed, args.smoke, overrides["stage1"], overrides["stage2"], overrides["data"],
-                    overrides["model"], args.skip_eval, stage1_only=args.stage1_only, vision=overrides["vision"])
+    with sigterm_as_interrupt():   # a kill removes the file being written, like Ctrl-C
+        summary = train(args.out, args.seed, args.smoke, overrides["stage1"], overrides["stage2"], overrides["data"],
+                        overrides["model"], args.skip_eval, stage1_only=args.stage1_only, vision=overrides["vision"])
     if summary["total_seconds"] > args.minutes_budget * 60:
         print(f"warning: the run took {summary['total_seconds'] / 60:.1f} min, over the {args.minutes_budget} min "
               "budget", file=sys.stderr)
