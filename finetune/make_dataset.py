@@ -1,6 +1,6 @@
 """Make the small synthetic finetuning dataset of this folder: 8 PNG scenes drawn with PIL, `dataset.json`
-(a list of {"img", "prompt", "label"}, image paths relative to this folder, the THUDM few-shot format, spec
-§15.1) and `finetune_inputs.jsonl` (a reference query for LoRA inference, paths relative to the repo root).
+(a list of {"img", "prompt", "label"}, image paths relative to this folder, the THUDM few-shot format) and
+`finetune_inputs.jsonl` (a reference query for LoRA inference, paths relative to the repo root).
 
 Deterministic: running it again writes identical files.
 

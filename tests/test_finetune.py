@@ -92,7 +92,8 @@ def test_after_training_the_lora_model_answers_the_training_prompts_with_their_l
     base_yaml = _yaml(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file, name="base.yaml",
                       num_iters=BASE_STEPS, learning_rate=2e-3, dataset=tmp_path / "shifted.json", pet_type="full",
                       freeze_text=False)
-    base = save_model(_run_in_process(base_yaml, tmp_path / "base", "--batch_size", "4")["model"],
+    base = save_model(_run_in_process(base_yaml, tmp_path / "base", "--batch_size", "4",
+                                      "--image_root", str(REPO / "finetune"))["model"],
                       str(tmp_path / "base.ckpt"))
     lora_yaml = _yaml(tmp_path, chatglm_tokenizer, base, chatglm_vocab_file, num_iters=LORA_STEPS,
                       **MEMORISING_LORA)
@@ -187,13 +188,14 @@ def test_data_parallel_with_msrun_equals_one_process_on_the_combined_batch(tmp_p
     env = _env(tmp_path)
     msrun = subprocess.run(
         ["bash", str(REPO / "research" / "run_msrun.sh"), "2", "--config", parallel_yaml, "--output_dir",
-         str(tmp_path / "dp"), "--batch_size", "1"],
+         str(tmp_path / "dp"), "--batch_size", "1", "--image_root", str(REPO / "finetune")],
         env=dict(env, MASTER_PORT=str(_free_port()), LOG_DIR=str(tmp_path / "msrun_log")),
         capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     logs = "".join(p.read_text(errors="replace")[-1500:] for p in (tmp_path / "msrun_log").glob("*.log"))
     assert msrun.returncode == 0, logs
     single = subprocess.run([sys.executable, str(FINETUNE), "--config", single_yaml, "--output_dir",
-                             str(tmp_path / "single"), "--batch_size", "2"], env=env, capture_output=True,
+                             str(tmp_path / "single"), "--batch_size", "2", "--image_root", str(REPO / "finetune")],
+                            env=env, capture_output=True,
                             text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
     name = "visualglm_rank_{r}-trainable_params.ckpt"
@@ -241,7 +243,7 @@ def test_bad_dataset_fails_before_training(tmp_path, chatglm_tokenizer, chat_che
     result = subprocess.run([sys.executable, str(FINETUNE), "--config", yaml_path, "--output_dir",
                              str(tmp_path / "out")], env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("Namespace(")]
     assert len(errors) == 1 and errors[0].startswith("error:") and "Traceback" not in result.stderr
     assert "1" in errors[0] and "prompt" in errors[0]
     assert not (tmp_path / "out").exists()
@@ -278,7 +280,7 @@ def _refused(result, *allowed_prefixes):
     """The single `error:` line of a run that must fail cleanly (a kernel log line may precede it)."""
     assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines()
-             if line.strip() and not line.startswith(("[visualglm.kernels]",) + allowed_prefixes)]
+             if line.strip() and not line.startswith(("[visualglm.kernels]", "Namespace(") + allowed_prefixes)]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
     return lines[0]
 
@@ -318,7 +320,8 @@ def _finetune_in_process(capsys, *argv):
     with pytest.raises(SystemExit) as exit_info:
         run_main(module.main, [str(a) for a in argv])
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("[visualglm.kernels]")]
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(("[visualglm.kernels]",
+                                                                                          "Namespace("))]
     assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
     return exit_info.value.code, lines[0]
 

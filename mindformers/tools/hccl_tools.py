@@ -111,10 +111,16 @@ def ip_from_hccn_tool(tool, physical_id):
 def read_hccn_conf(path):
     """Map physical id (str) -> ip from 'address_{id}={ip}' lines; None if unreadable."""
     try:
-        with open(path, "r", encoding="utf-8") as fin:
-            lines = fin.readlines()
+        with open(path, "rb") as fin:
+            data = fin.read()
     except OSError:
         return None
+    try:
+        lines = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise UsageError(f"{path} line {line} is not UTF-8 text (byte 0x{data[err.start]:02x}); expected "
+                         "'address_<id>=<ip>' lines") from None
     ips = {}
     for line in lines:
         line = line.strip()

@@ -41,6 +41,16 @@ def _first_line(err):
     return lines[0] if lines else type(err).__name__
 
 
+def read_yaml(config_path):
+    """MindFormerConfig of a yaml; any parse or validation error is one UserError line (position included)."""
+    from mindformers.tools.register import MindFormerConfig
+    try:
+        return MindFormerConfig(config_path)
+    except Exception as err:  # noqa: BLE001 - any parse error of a user file is a one-line message
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise UserError(f"cannot read the config {config_path}: {detail}") from None
+
+
 # ----------------------------------------------------------------------------------------------- inputs
 @dataclass
 class Sample:
@@ -50,30 +60,48 @@ class Sample:
     id: object = None
 
 
+def read_text_lines(path, what):
+    """The lines of a UTF-8 text file; UserError naming the line of the first byte that is not UTF-8, or why
+    the file cannot be read (`what` names the option)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise UserError(f"{what}: file not found: {path}") from None
+    except OSError as err:
+        raise UserError(f"{what}: cannot read {path}: {err.strerror or err}") from None
+    body = data[3:] if data.startswith(b"\xef\xbb\xbf") else data    # a byte-order mark is allowed
+    try:
+        return body.decode("utf-8").split("\n")    # not splitlines(): a JSON string may hold U+2028
+    except UnicodeDecodeError as err:
+        line = body[:err.start].count(b"\n") + 1
+        raise UserError(f"{what}: {path} line {line} is not UTF-8 text (byte 0x{body[err.start]:02x}); save the file "
+                        "as UTF-8") from None
+
+
 def read_jsonl(path):
     """Samples of a jsonl file: {"id": ..., "text" (or "prompt"): "...", "image": "path" or null} per line."""
     samples = []
     folder = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise UserError(f"{path}:{number}: not a JSON object ({err.msg})") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-            prompt = record.get("text", record.get("prompt"))
-            if not isinstance(prompt, str):
-                raise UserError(f'{path}:{number}: needs a "text" string (the question)')
-            image = record.get("image")
-            if image is not None and not isinstance(image, str):
-                raise UserError(f'{path}:{number}: "image" must be a path or null')
-            if image is not None and not os.path.isabs(image) and resolve_path(image, REPO_ROOT) is None \
-                    and os.path.exists(os.path.join(folder, image)):
-                image = os.path.join(folder, image)   # relative to the jsonl file itself
-            samples.append(Sample(image, prompt, record.get("id", number)))
+    for number, line in enumerate(read_text_lines(path, "--input_file"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{number}: not a JSON object ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        prompt = record.get("text", record.get("prompt"))
+        if not isinstance(prompt, str):
+            raise UserError(f'{path}:{number}: needs a "text" string (the question)')
+        image = record.get("image")
+        if image is not None and not isinstance(image, str):
+            raise UserError(f'{path}:{number}: "image" must be a path or null')
+        if image is not None and not os.path.isabs(image) and resolve_path(image, REPO_ROOT) is None \
+                and os.path.exists(os.path.join(folder, image)):
+            image = os.path.join(folder, image)   # relative to the jsonl file itself
+        samples.append(Sample(image, prompt, record.get("id", number)))
     if not samples:
         raise UserError(f"{path}: no inputs")
     return samples
@@ -183,17 +211,13 @@ def device_target_of(value):
 
 def load_settings(args):
     """Read the yaml, apply the arguments, check that checkpoints and tokenizer file exist."""
-    from mindformers.tools.register import MindFormerConfig
     from visualglm.configuration import load_config
     from visualglm.modeling import configured_checkpoints
 
     config_path = resolve_path(args.config, PACKAGE_DIR, REPO_ROOT)
     if config_path is None or not os.path.isfile(config_path):
         raise UserError(f"config file not found: {args.config}")
-    try:
-        yaml = MindFormerConfig(config_path)
-    except Exception as err:  # noqa: BLE001 - any parse error of a user file is a one-line message
-        raise UserError(f"cannot read the config {config_path}: {_first_line(err)}") from None
+    yaml = read_yaml(config_path)
     if not _section(_section(yaml.get("model")).get("model_config")):
         raise UserError(f"the config {config_path} has no model.model_config section (expected a MindFormers "
                         "yaml like run_visualglm_6b_image_to_text_generation.yaml)")
@@ -254,6 +278,7 @@ def load_settings(args):
     image_processor = _section(_section(yaml.get("processor")).get("image_processor")) or None
     if image_processor:
         image_processor.pop("type", None)
+    check_cache_fits(config.text_config, target, context.get("max_device_memory"))
     seed = args.seed if getattr(args, "seed", None) is not None else yaml.get("seed")
     return RunSettings(config_path=config_path, yaml=yaml, config=config, device_target=target,
                        device_id=args.device_id, vocab_file=vocab_file, tokenizer_kwargs=tokenizer_kwargs,
@@ -261,15 +286,63 @@ def load_settings(args):
                        max_device_memory=context.get("max_device_memory"), skipped=skipped)
 
 
+INT32_ROWS = 2 ** 31 - 1   # the cache is written by row index (int32)
+
+
+def check_cache_fits(text_config, target, max_device_memory=None):
+    """Before anything is allocated: the KV cache of batch_size × seq_length must be addressable and fit in the
+    memory it lives in (this machine's available memory on the CPU, max_device_memory on a device when the
+    yaml sets it). The message gives the largest seq_length that would fit."""
+    if not text_config.use_past:
+        return
+    from visualglm.generation import PROMPT_BUCKET
+    # a prefill step's attention scores (float32) and mask (bool) span the whole cache too
+    prefill = text_config.batch_size * PROMPT_BUCKET * (text_config.num_heads * 4 + 1)
+    per_position = text_config.kv_cache_bytes(1) + prefill
+    limit = _memory_limit(target, max_device_memory)
+    need = per_position * text_config.seq_length
+    size = f"batch_size {text_config.batch_size} × seq_length {text_config.seq_length}"
+    if text_config.kv_cache_rows > INT32_ROWS:
+        longest = INT32_ROWS // (text_config.batch_size * text_config.num_heads)
+        raise UserError(f"{size} is too long for the KV cache ({text_config.kv_cache_rows} rows per layer, at most "
+                        f"{INT32_ROWS}): lower --seq_length (at most {longest} with this batch size) or --batch_size")
+    if limit is not None and need > limit[0]:
+        longest = limit[0] // per_position
+        raise UserError(f"{size} needs {_gib(need)} for the KV cache and a prefill step, more than {limit[1]} "
+                        f"({_gib(limit[0])}): lower "
+                        f"--seq_length (at most {longest} would fit, less once the weights are loaded) or "
+                        "--batch_size")
+
+
+def _memory_limit(target, max_device_memory):
+    """(bytes, what) the KV cache must fit in, or None when unknown."""
+    if target != "CPU":
+        size = _parse_size(max_device_memory)
+        return (size, "max_device_memory of the yaml's context") if size else None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields["MemAvailable"].split()[0]) * 1024, "this machine's available memory"
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _parse_size(text):
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", str(text or ""), re.I)
+    if not match:
+        return None
+    return int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
+
+
+def _gib(size):
+    return f"{size / 2 ** 30:,.1f} GiB"
+
+
 def is_whole_model(path):
     """Whether a checkpoint holds ViT and GLM parameters too (names only: nothing is kept in memory)."""
     from visualglm.modeling import read_checkpoint
     names = []
-    try:
-        read_checkpoint(path, choice_func=lambda name: names.append(name) and False)
-    except (ValueError, RuntimeError, OSError) as err:
-        if not names:   # with names seen, this is MindSpore refusing to return an empty dict
-            raise UserError(f"cannot read the checkpoint {path}: {_first_line(err)}") from None
+    read_checkpoint(path, choice_func=lambda name: names.append(name) and False)
     return any(n.startswith("visual_encoder.") for n in names) and any(n.startswith("llm_model.") for n in names)
 
 

@@ -13,6 +13,10 @@ def run_main(main, argv=None):
         message = str(err) if isinstance(err, UserError) else f"file not found: {err.filename or err}"
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except MemoryError as err:   # numpy's allocation errors say how much was asked
+        print(f"error: out of memory ({str(err) or 'allocation failed'}); lower --batch_size or --seq_length",
+              file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -140,6 +140,19 @@ class GLMConfig(_PartConfig):
         """DeepNorm-style residual scale of ChatGLM-6B v1: sqrt(2 * num_layers)."""
         return math.sqrt(2 * self.num_layers)
 
+    @property
+    def kv_cache_rows(self):
+        """Rows of one layer's flat key (or value) cache: batch_size · num_heads · seq_length."""
+        return self.batch_size * self.num_heads * self.seq_length
+
+    def kv_cache_bytes(self, seq_length=None):
+        """Bytes of the whole KV cache (keys and values of every layer, in compute_dtype), 0 without use_past."""
+        if not self.use_past:
+            return 0
+        itemsize = 2 if self.compute_dtype in ("float16", "bfloat16") else 4
+        length = self.seq_length if seq_length is None else seq_length
+        return 2 * self.num_layers * self.batch_size * self.num_heads * length * self.head_dim * itemsize
+
 
 def _as_part(value, cls):
     if value is None:

@@ -680,6 +680,21 @@ def _is_hf_config(path):
         return "eva_config" in json.load(f)
 
 
+def _config_error(path, err):
+    """The one-line ConversionError of a model config file that cannot be used."""
+    import json
+    if isinstance(err, json.JSONDecodeError):
+        what = f"is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+    elif isinstance(err, UnicodeDecodeError):
+        what = f"is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})"
+    elif isinstance(err, KeyError):
+        what = (f"has no {err.args[0]!r} entry (SAT's model_config.json has eva_args, qformer_args and the GLM "
+                "sizes; Hugging Face's config.json has eva_config and qformer_config)")
+    else:
+        what = f"is not a usable model config ({type(err).__name__}: {' '.join(str(err).split())})"
+    return ConversionError(f"{path} {what}; pass --config with the model's model_config.json, config.json or yaml")
+
+
 def _load_config(config, reader):
     from visualglm.configuration import VisualGLMConfig, load_config
     if isinstance(config, str):
@@ -690,7 +705,7 @@ def _load_config(config, reader):
                 return VisualGLMConfig.from_hf_config(config)
             return load_config(config)
         except (ValueError, KeyError, TypeError, OSError) as err:
-            raise ConversionError(f"{config}: not a usable model config ({type(err).__name__}: {err})") from None
+            raise _config_error(config, err) from None
     if config is not None:
         return config
     path, kind = reader.config_file
@@ -699,7 +714,7 @@ def _load_config(config, reader):
     try:
         return VisualGLMConfig.from_sat_config(path) if kind == "sat" else VisualGLMConfig.from_hf_config(path)
     except (ValueError, KeyError, TypeError, OSError) as err:
-        raise ConversionError(f"{path}: not a usable model config ({type(err).__name__}: {err})") from None
+        raise _config_error(path, err) from None
 
 
 def convert_checkpoint(torch_path, outputs, config=None, qkv_layout=None, dtype="keep", show_progress=True,

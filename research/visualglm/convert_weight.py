@@ -12,7 +12,7 @@ one tensor at a time; outputs ending in `.safetensors` are MindSpore safetensors
 """
 import argparse
 
-from visualglm.cli import run_main
+from visualglm.cli import add_verbose_arg, run_main
 from visualglm.conversion import convert_checkpoint
 from visualglm.fileio import sigterm_as_interrupt
 
@@ -45,6 +45,7 @@ def parse_args(argv=None):
                         help="yaml or model_config.json with the target sizes (default: the checkpoint's "
                              "model_config.json or config.json, else the released VisualGLM-6B)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_verbose_arg(parser)
     return parser.parse_args(argv)
 
 

@@ -164,7 +164,7 @@ def read_dataset_json(path, require_label=False, image_root=None):
     root = _image_root(image_root, path)
     entries = []
     if path.endswith(".jsonl"):
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text.split("\n"), 1):   # not splitlines(): a JSON string may hold U+2028
             if not line.strip():
                 continue
             try:

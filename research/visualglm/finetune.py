@@ -5,7 +5,10 @@ scale from `runner_wrapper`; data parallel over every rank that `msrun` (CPU, As
 `run_singlenode.sh` (Ascend, rank table) started.
 """
 import argparse
+import math
 import os
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -17,6 +20,36 @@ def _get(node, key, default=None):
         return default
     value = node.get(key, default) if hasattr(node, "get") else getattr(node, key, default)
     return default if value is None else value
+
+
+def _section(node, key, where):
+    """A mapping section of the yaml ({} when absent); UserError when it is something else."""
+    value = _get(node, key, {})
+    if not hasattr(value, "get"):
+        raise UserError(f"{where}{key} in the finetune yaml must be a section (key: value lines), got "
+                        f"{type(value).__name__} {value!r}")
+    return value
+
+
+def _number(node, key, default, where, kind=float, minimum=None):
+    """A number of the yaml (default when absent); UserError naming the key when it is not one (or too small)."""
+    value = _get(node, key, default)
+    try:
+        if isinstance(value, bool) or isinstance(value, str) and not value.strip():
+            raise ValueError
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError
+        if kind is int:
+            if not number.is_integer():
+                raise ValueError
+            number = int(number)
+    except (TypeError, ValueError, OverflowError):
+        expected = "an integer" if kind is int else "a number"
+        raise UserError(f"{where}{key} in the finetune yaml must be {expected}, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise UserError(f"{where}{key} in the finetune yaml must be >= {minimum}, got {value!r}")
+    return number
 
 
 def init_distributed(use_parallel):
@@ -37,7 +70,7 @@ def lora_settings(yaml):
     """LoRA arguments from the pet_config of the model config (or of text_config, where some MindFormers
     yamls put it); None for `pet_type: full` (full-parameter training of every part the config's
     freeze_vision / freeze_qformer / freeze_text flags leave trainable)."""
-    model_config = yaml.model.model_config
+    model_config = _get(_get(yaml, "model"), "model_config")
     pet = _get(model_config, "pet_config") or _get(_get(model_config, "text_config"), "pet_config")
     if not pet:
         raise UserError("the finetune yaml has no model.model_config.pet_config "
@@ -48,9 +81,21 @@ def lora_settings(yaml):
         return None
     if pet_type != "lora":
         raise UserError(f"pet_type {pet.get('pet_type')!r} is not supported: lora or full")
-    return dict(lora_rank=int(pet.get("lora_rank", 10)), lora_alpha=float(pet.get("lora_alpha", 128)),
-                lora_dropout=float(pet.get("lora_dropout", 0.0)), layer_range=pet.get("layer_range", [0, 14]),
-                target_modules=pet.get("target_modules") or None,
+    where = "model.model_config.pet_config."
+    layer_range = pet.get("layer_range", [0, 14])
+    if not (layer_range is None or isinstance(layer_range, int) and not isinstance(layer_range, bool) or
+            isinstance(layer_range, (list, tuple)) and all(isinstance(i, int) for i in layer_range)):
+        raise UserError(f"{where}layer_range in the finetune yaml must be [first, last] layer indices (or one "
+                        f"index), got {layer_range!r}")
+    targets = pet.get("target_modules") or None
+    if targets is not None and not (isinstance(targets, str) or
+                                    isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets)):
+        raise UserError(f"{where}target_modules in the finetune yaml must be a list of Linear names, got "
+                        f"{targets!r}")
+    return dict(lora_rank=_number(pet, "lora_rank", 10, where, int, minimum=1),
+                lora_alpha=_number(pet, "lora_alpha", 128, where),
+                lora_dropout=_number(pet, "lora_dropout", 0.0, where, minimum=0),
+                layer_range=layer_range, target_modules=targets,
                 param_init_type=pet.get("param_init_type", "float32"))
 
 
@@ -67,6 +112,68 @@ def settings_to_compare(lora):
             "layer_range": layer_range, "target_modules": lora["target_modules"] or DEFAULT_TARGETS}
 
 
+@dataclass
+class TrainingPlan:
+    """The finetune yaml's training sections, read and checked before anything is built."""
+    source_length: int
+    target_length: int
+    dataset: Optional[str]
+    random_mapping: bool
+    lr_args: dict
+    optimizer: dict
+    max_grad_norm: Optional[float]
+    loss_scale: tuple            # loss_scale_value, scale_factor, scale_window
+    epochs: int
+    save_steps: Optional[int]    # None: every run's end only
+    use_parallel: bool
+    output_dir: str
+    lora: Optional[dict]         # None: full-parameter training
+
+
+def read_training_plan(yaml):
+    """Every value run_finetune takes from the yaml, each checked (type, range) with a one-line UserError
+    naming its key; the sections that must be mappings are checked too."""
+    data = _section(yaml, "train_dataset", "")
+    loader = _section(data, "data_loader", "train_dataset.")
+    lr_section = _section(yaml, "lr_schedule", "")
+    lr_args = {k: v for k, v in (lr_section.to_dict() if hasattr(lr_section, "to_dict") else dict(lr_section)).items()
+               if k != "type"}
+    for key, kind, minimum in (("learning_rate", float, 0), ("decay_ratio", float, 0), ("auto_warmup_rate", float, 0),
+                               ("warmup_steps", int, 0), ("num_iters", int, 1), ("auto_warmup_steps", int, 0),
+                               ("total_steps", int, None), ("last_iter", int, None)):
+        if key in lr_args:   # AnnealingLR's numeric arguments; it refuses unknown keys itself
+            lr_args[key] = _number(lr_section, key, None, "lr_schedule.", kind, minimum)
+    opt = _section(yaml, "optimizer", "")
+    wrapper = _section(yaml, "runner_wrapper", "")
+    scale = _section(wrapper, "scale_sense", "runner_wrapper.")
+    clip = _get(wrapper, "use_clip_grad", True)
+    checkpoint_callback = _first_callback(yaml, "Checkpoint")
+    save_steps = None
+    if _get(checkpoint_callback, "save_checkpoint_steps") is not None:
+        save_steps = _number(checkpoint_callback, "save_checkpoint_steps", None,
+                             "the Checkpoint callback's ", int, minimum=1)
+    output_dir = _get(yaml, "output_dir", "./output")
+    if not isinstance(output_dir, str):
+        raise UserError(f"output_dir in the finetune yaml must be a folder path, got {output_dir!r}")
+    dataset = _get(loader, "dataset_dir")
+    if dataset is not None and not isinstance(dataset, str):
+        raise UserError(f"train_dataset.data_loader.dataset_dir in the finetune yaml must be a file path, got "
+                        f"{dataset!r}")
+    return TrainingPlan(
+        source_length=_number(data, "max_source_length", 64, "train_dataset.", int, minimum=1),
+        target_length=_number(data, "max_target_length", 256, "train_dataset.", int, minimum=1),
+        dataset=dataset, random_mapping=bool(_get(loader, "random_mapping", True)), lr_args=lr_args,
+        optimizer={key: _number(opt, key, default, "optimizer.", minimum=0) for key, default in
+                   (("beta1", 0.9), ("beta2", 0.95), ("eps", 1e-8), ("weight_decay", 0.01))},
+        max_grad_norm=_number(wrapper, "max_grad_norm", 1.0, "runner_wrapper.", minimum=0) if clip else None,
+        loss_scale=(_number(scale, "loss_scale_value", 65536, "runner_wrapper.scale_sense.", minimum=1),
+                    _number(scale, "scale_factor", 2, "runner_wrapper.scale_sense.", minimum=1),
+                    _number(scale, "scale_window", 400, "runner_wrapper.scale_sense.", int, minimum=1)),
+        epochs=_number(_section(yaml, "runner_config", ""), "epochs", 1, "runner_config.", int, minimum=1),
+        save_steps=save_steps, use_parallel=bool(_get(yaml, "use_parallel", False)), output_dir=output_dir,
+        lora=lora_settings(yaml))
+
+
 def run_finetune(args):
     """Train; returns {'steps', 'losses', 'trainable_checkpoint'}."""
     import mindspore as ms
@@ -80,19 +187,24 @@ def run_finetune(args):
                                     check_output_dir, check_resume_settings, resume_training_state, state_folder,
                                     trainable_checkpoint_path)
 
-    from mindformers.tools.register import MindFormerConfig
     if args.save_steps is not None and args.save_steps < 1:
         raise UserError(f"--save_steps must be a number of steps >= 1 (got {args.save_steps}); leave it out to "
                         "use the yaml's save_checkpoint_steps")
     config_path = app.resolve_path(args.config, app.PACKAGE_DIR, app.REPO_ROOT)
     if config_path is None:
         raise UserError(f"config file not found: {args.config}")
-    yaml = MindFormerConfig(config_path)
-    data_section = _get(yaml, "train_dataset", {})
-    loader = _get(data_section, "data_loader", {})
-    source_len = int(_get(data_section, "max_source_length", 64))
-    target_len = int(_get(data_section, "max_target_length", 256))
-    dataset_json = args.dataset_dir or _get(loader, "dataset_dir")
+    yaml = app.read_yaml(config_path)
+    try:
+        plan = read_training_plan(yaml)
+    except UserError as err:
+        raise UserError(f"{config_path}: {err}") from None
+    lr_args = dict(plan.lr_args, **({"num_iters": args.num_iters} if args.num_iters is not None else {}))
+    try:   # unknown or bad lr_schedule keys fail now, not after the model is built
+        schedule = AnnealingLR(**lr_args)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"lr_schedule in {config_path}: {' '.join(str(err).split())}") from None
+    source_len, target_len = plan.source_length, plan.target_length
+    dataset_json = args.dataset_dir or plan.dataset
     if not dataset_json:
         raise UserError("no dataset: set train_dataset.data_loader.dataset_dir in the yaml or pass --dataset_dir")
     dataset_path = app.resolve_path(dataset_json, app.REPO_ROOT)
@@ -109,12 +221,12 @@ def run_finetune(args):
     app.set_device(settings.device_target, args.device_id, settings.max_device_memory)
     if args.graph_mode:
         ms.set_context(mode=ms.PYNATIVE_MODE)
-    rank, size = init_distributed(bool(_get(yaml, "use_parallel", False)))
-    output_dir = args.output_dir or _get(yaml, "output_dir", "./output")
+    rank, size = init_distributed(plan.use_parallel)
+    output_dir = args.output_dir or plan.output_dir
     state_dir = state_folder(output_dir, rank)
     check_output_dir(output_dir, "--output_dir" if args.output_dir else f"output_dir of {config_path}",
                      files=[trainable_checkpoint_path(output_dir, rank)], folders=[state_dir])
-    lora = lora_settings(yaml)
+    lora = plan.lora
     run_settings = settings_to_compare(lora)
     if args.resume:
         check_resume_settings(state_dir, run_settings, config_path)
@@ -125,18 +237,13 @@ def run_finetune(args):
     tokenizer = app.build_tokenizer(settings)
     image_processor = app.build_image_processor(settings)
     processor = VisualGLMProcessor.from_config(settings.config, tokenizer, image_processor)
-    lr_section = _get(yaml, "lr_schedule", {})
-    lr_args = {k: v for k, v in (lr_section.to_dict() if hasattr(lr_section, "to_dict") else dict(lr_section)).items()
-               if k != "type"}
-    if args.num_iters is not None:
-        lr_args["num_iters"] = args.num_iters
     batch_size = args.batch_size
     dataset = build_finetune_dataset(samples, processor, settings.config, batch_size,
                                      max_source_length=source_len, max_target_length=target_len,
-                                     random_mapping=bool(_get(loader, "random_mapping", True)),
+                                     random_mapping=plan.random_mapping,
                                      num_iters=int(lr_args.get("num_iters", 1500)), rank_id=rank, rank_size=size,
                                      image_processor=image_processor)
-    epochs = int(_get(_get(yaml, "runner_config", {}), "epochs", 1))
+    epochs = plan.epochs
     steps_per_epoch = dataset.get_dataset_size()
     total_steps = epochs * steps_per_epoch
 
@@ -147,22 +254,12 @@ def run_finetune(args):
     else:
         what = f"LoRA on {len(apply_lora(model, **lora))} Linears"
     model.set_train(True)
-    schedule = AnnealingLR(**lr_args)
-    opt_section = _get(yaml, "optimizer", {})
-    optimizer = build_optimizer(model.trainable_params(), schedule,
-                                beta1=float(_get(opt_section, "beta1", 0.9)), beta2=float(_get(opt_section, "beta2", 0.95)),
-                                eps=float(_get(opt_section, "eps", 1e-8)),
-                                weight_decay=float(_get(opt_section, "weight_decay", 0.01)))
-    wrapper = _get(yaml, "runner_wrapper", {})
-    max_grad_norm = float(_get(wrapper, "max_grad_norm", 1.0)) if _get(wrapper, "use_clip_grad", True) else None
+    optimizer = build_optimizer(model.trainable_params(), schedule, **plan.optimizer)
     loss_scale = None
     if settings.config.compute_dtype == "float16":   # fp16 gradients need scaling; fp32/bf16 do not
-        scale = _get(wrapper, "scale_sense", {})
         from mindspore import nn
-        loss_scale = nn.DynamicLossScaleUpdateCell(float(_get(scale, "loss_scale_value", 65536)),
-                                                   float(_get(scale, "scale_factor", 2)),
-                                                   int(_get(scale, "scale_window", 400)))
-    train_step = TrainStep(FinetuneLoss(model), optimizer, max_grad_norm, loss_scale)
+        loss_scale = nn.DynamicLossScaleUpdateCell(*plan.loss_scale)
+    train_step = TrainStep(FinetuneLoss(model), optimizer, plan.max_grad_norm, loss_scale)
     train_step.set_train(True)
 
     start = resume_training_state(train_step, state_dir) if args.resume else 0
@@ -171,10 +268,7 @@ def run_finetune(args):
     dataset = dataset.repeat(epochs)
     if start:
         dataset = dataset.skip(start)
-    save_steps = args.save_steps or int(_get(_first_callback(yaml, "Checkpoint"), "save_checkpoint_steps", total_steps))
-    if save_steps < 1:
-        raise UserError(f"save_checkpoint_steps of the Checkpoint callback in {config_path} must be >= 1 "
-                        f"(got {save_steps}); fix the yaml or pass --save_steps N")
+    save_steps = args.save_steps or plan.save_steps or total_steps
     saver = CheckpointSaver(train_step, output_dir, rank, save_steps, step_offset=start, run_settings=run_settings)
     monitor = TrainingMonitor(total_steps, batch_size, source_len + target_len, schedule, args.log_steps, start)
     print(f"rank {rank}/{size}: {what} ({sum(int(np.prod(p.shape)) for p in model.trainable_params())} "
@@ -224,6 +318,7 @@ def add_finetune_args(parser):
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest output/checkpoint/rank_N state (same config and seed)")
     parser.add_argument("--seed", type=int, default=None, help="default: the yaml's seed")
-    return parser
+    from visualglm.cli import add_verbose_arg
+    return add_verbose_arg(parser)
 
 

@@ -15,6 +15,8 @@ from mindspore import Tensor
 
 from visualglm.errors import UserError
 
+PROMPT_BUCKET = 64   # prompts are padded to a multiple of this (fewer graph shapes to compile)
+
 
 class SequenceTooLongError(UserError):
     """Prompt plus new tokens do not fit the model's sequence length."""
@@ -25,7 +27,7 @@ def _bucket(length, multiple, limit):
 
 
 class _Decoder:
-    def __init__(self, model, prompts, image_embeds=None, image_starts=None, max_length=None, bucket=64):
+    def __init__(self, model, prompts, image_embeds=None, image_starts=None, max_length=None, bucket=PROMPT_BUCKET):
         self.model = model
         self.prompts = [list(map(int, p)) for p in prompts]
         self.batch = len(self.prompts)
@@ -85,7 +87,7 @@ class CachedDecoder(_Decoder):
     """Prefill once into the KV cache, then decode one token per step (needs use_past and a cache whose
     batch is the model config's batch_size)."""
 
-    def __init__(self, model, prompts, image_embeds=None, image_starts=None, max_length=None, bucket=64):
+    def __init__(self, model, prompts, image_embeds=None, image_starts=None, max_length=None, bucket=PROMPT_BUCKET):
         tc = model.config.text_config
         if not tc.use_past:
             raise ValueError("CachedDecoder needs a model built with text_config.use_past=True")

@@ -94,7 +94,8 @@ def load_lora(model, path):
     import os
     if not os.path.isfile(path):
         raise UserError(f"LoRA checkpoint not found: {path}")
-    found = check_lora_checkpoint(model, ms.load_checkpoint(path))
+    from visualglm.modeling import read_checkpoint
+    found = check_lora_checkpoint(model, read_checkpoint(path))
     params = {p.name: p for p in lora_parameters(model)}
     for name, value in found.items():
         params[name].set_data(value.astype(params[name].dtype))

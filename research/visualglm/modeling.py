@@ -184,12 +184,46 @@ class CheckpointMismatchError(UserError):
     """A checkpoint that does not fit the model's parameters (names or shapes)."""
 
 
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"PK\x03\x04", "a zip archive (a PyTorch .bin/.pt checkpoint?)"),
+          (b"\x80\x02", "a Python pickle (a PyTorch checkpoint?)"), (b"\x80\x03", "a Python pickle"),
+          (b"\x80\x04", "a Python pickle"), (b"\x80\x05", "a Python pickle"))
+_EMPTY_AFTER_FILTER = "empty after filter"
+
+
+def check_checkpoint_file(path, what="the checkpoint"):
+    """Refuse, from its first bytes, a file that cannot be a MindSpore checkpoint: unreadable, empty, an image,
+    a pickle or a zip (PyTorch) file. One-line CheckpointFileError naming `what`."""
+    from visualglm.checkpoint_io import CheckpointFileError
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        raise CheckpointFileError(f"cannot read {what} {path}: {err.strerror or err}") from None
+    kind = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+    if kind or not head:
+        raise CheckpointFileError(f"{what} {path} is {kind or 'an empty file'}, not a MindSpore checkpoint (.ckpt "
+                                  "or .safetensors; convert PyTorch weights with convert_weight.py)")
+
+
 def read_checkpoint(path, choice_func=None):
     """{name: Parameter} of a MindSpore checkpoint: `.safetensors` files are memory-mapped (the arrays are
-    views of the file, so loading them costs no second copy), `.ckpt` files are read whole."""
-    if str(path).endswith(".safetensors"):
-        return ms.load_checkpoint(path, choice_func=choice_func, format="safetensors")
-    return ms.load_checkpoint(path, choice_func=choice_func)
+    views of the file, so loading them costs no second copy), `.ckpt` files are read whole. A file that is no
+    MindSpore checkpoint (an image, a pickle, an empty or corrupt file) is a one-line CheckpointFileError;
+    a choice_func that keeps nothing gives {}."""
+    from visualglm.checkpoint_io import CheckpointFileError
+    check_checkpoint_file(path)
+    try:
+        if str(path).endswith(".safetensors"):
+            return ms.load_checkpoint(path, choice_func=choice_func, format="safetensors")
+        return ms.load_checkpoint(path, choice_func=choice_func)
+    except (ValueError, RuntimeError, OSError, TypeError) as err:
+        if _EMPTY_AFTER_FILTER in str(err):
+            if choice_func is not None:
+                return {}
+            raise CheckpointFileError(f"{path} holds no parameters") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointFileError(f"cannot read {path} as a MindSpore checkpoint: {first}") from None
 
 
 def load_weights(model, *, vit=None, qformer=None, glm=None, strict=True):

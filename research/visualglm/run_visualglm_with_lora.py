@@ -10,6 +10,7 @@ a bare --merge_output writes <lora stem>_merged.ckpt next to the LoRA file, and 
 Prints the arguments, then `Response: [...]` as run_visualglm.py does.
 """
 import os
+import sys
 
 from visualglm import app
 from visualglm.cli import generate_parser, run_main
@@ -88,12 +89,14 @@ def check_merge_output(output, inputs):
 
 
 def main(argv=None):
-    from visualglm.finetune import lora_settings
-    from visualglm.lora import apply_lora, load_lora, save_merged_checkpoint
     args = parse_args(argv)
+    from visualglm.finetune import lora_settings   # after the arguments: --help answers at once
+    from visualglm.lora import apply_lora, load_lora, save_merged_checkpoint
+    from visualglm.modeling import check_checkpoint_file
     lora_path = app.resolve_path(args.lora_checkpoint, app.REPO_ROOT)
     if lora_path is None or not os.path.isfile(lora_path):   # before the model is built
         raise UserError(f"LoRA checkpoint not found: {args.lora_checkpoint}")
+    check_checkpoint_file(lora_path, "the LoRA checkpoint (--lora_checkpoint)")
     merge_output = None
     if args.merge_output is not None:
         merge_output = merged_output_path(args.merge_output, lora_path)
@@ -102,11 +105,11 @@ def main(argv=None):
     apply_lora(components.model, **lora_settings(components.settings.yaml))
     load_lora(components.model, lora_path)
     components.model.set_train(False)
-    print(f"------------------- lora checkpoint: {lora_path}", flush=True)
+    print(f"------------------- lora checkpoint: {lora_path}", file=sys.stderr, flush=True)
     if merge_output:
         with sigterm_as_interrupt():   # a kill removes the half-written file, like Ctrl-C
             count = save_merged_checkpoint(components.model, merge_output)
-        print(f"merged {count} LoRA weights into {merge_output}", flush=True)
+        print(f"merged {count} LoRA weights into {merge_output}", file=sys.stderr, flush=True)
     return app.run_generation(app.build_engine(components, args), samples, args)
 
 
