@@ -232,3 +232,15 @@ def test_finetune_yaml_that_is_not_yaml_is_one_line(tmp_path, capsys):
     path.write_text("model: [\n", encoding="utf-8")
     _one_error("run_visualglm_finetune", ["--config", path, "--output_dir", tmp_path / "out"], capsys,
                "cannot read the config", "line 2")
+
+
+@pytest.mark.parametrize("module, extra", [("run_visualglm", ["--device_target", "CPU"]),
+                                           ("run_visualglm_finetune", ["--device_target", "CPU"])])
+def test_a_yaml_with_python_tags_is_refused_without_running_them(module, extra, tmp_path, capsys):
+    """No unsafe yaml loading: a `!!python/object/apply` tag is a parse error, never a call."""
+    marker = tmp_path / "ran"
+    path = tmp_path / "evil.yaml"
+    path.write_text(f'seed: !!python/object/apply:os.system ["touch {marker}"]\nmodel: {{}}\n', encoding="utf-8")
+    _one_error(module, ["--config", path, "--output_dir", tmp_path / "out"][:None if "finetune" in module else 2]
+               + extra, capsys, str(path))
+    assert not marker.exists()

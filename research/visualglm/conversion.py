@@ -483,14 +483,17 @@ def load_sat_state_dict(pt_path):
     fp16, bf16 becomes fp32). Loaded with `weights_only=True`: a file whose unpickling would run code is
     refused. The converter streams zip-format files instead; this reads the legacy (pre-1.6) format."""
     import pickle
+    import warnings
     import torch
     try:
-        try:
-            obj = torch.load(pt_path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            obj = torch.load(pt_path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        with warnings.catch_warnings():   # torch's notes on the pickle protocol are no news to the user
+            warnings.simplefilter("ignore", UserWarning)
+            try:
+                obj = torch.load(pt_path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                obj = torch.load(pt_path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConversionError(f"{pt_path}: refused or unreadable as a PyTorch checkpoint "

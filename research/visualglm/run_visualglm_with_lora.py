@@ -7,7 +7,7 @@
 LoRA layers, rank and alpha come from the yaml's model.model_config.pet_config. With --merge_output the LoRA is
 folded into the base weights and saved as one plain checkpoint (load it with run_visualglm.py --checkpoint);
 a bare --merge_output writes <lora stem>_merged.ckpt next to the LoRA file, and no input file is ever overwritten.
-Prints the arguments, then `Response: [...]` as run_visualglm.py does.
+Prints the arguments (stderr), then `Response: [...]` (stdout) as run_visualglm.py does.
 """
 import os
 import sys
