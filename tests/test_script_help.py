@@ -182,3 +182,22 @@ def test_verbose_is_an_option_of_every_model_script():
     result = subprocess.run([sys.executable, str(REPO / "research" / "visualglm" / "run_visualglm_finetune.py"),
                              "--help"], capture_output=True, text=True, timeout=60)
     assert "--verbose" in result.stdout
+
+
+def test_a_failed_graph_compile_writes_nothing_into_the_current_folder(tmp_path):
+    """MindSpore reports a failed GRAPH compile in rank_0/om/analyze_fail.ir under MS_OM_PATH (default: the
+    current folder); the package points it at the cache folder."""
+    cwd, cache = tmp_path / "cwd", tmp_path / "cache"
+    cwd.mkdir()
+    script = tmp_path / "broken.py"
+    script.write_text("import numpy as np\nimport visualglm  # noqa: F401\nimport mindspore as ms\n"
+                      "from mindspore import nn, Tensor\nms.set_context(mode=ms.GRAPH_MODE, device_target='CPU')\n"
+                      "class Broken(nn.Cell):\n    def construct(self, x):\n        return x + undefined_name\n"
+                      "Broken()(Tensor(np.ones(2, np.float32)))\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("MS_OM_PATH", "LOCAL_DEFAULT_PATH")}
+    env["XDG_CACHE_HOME"] = str(cache)
+    result = subprocess.run([sys.executable, str(script)], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and "undefined_name" in result.stderr
+    assert list(cwd.iterdir()) == []
+    assert list((cache / "visualglm" / "mindspore").rglob("analyze_fail.ir"))

@@ -2,7 +2,8 @@
 (so that `--help` stays instant):
 
 * MindSpore's C++ log shows errors only unless GLOG_v is set.
-* MindFormers' log folder goes to a cache folder (LOCAL_DEFAULT_PATH), not `./output/log` wherever a script runs.
+* MindFormers' log folder goes to a cache folder (LOCAL_DEFAULT_PATH), not `./output/log` wherever a script runs;
+  so does MindSpore's report of a failed graph compile (MS_OM_PATH; it used to write `./rank_0/om/`).
 * MindFormers' console log goes to stderr (it writes to stdout, where the answers go) and shows errors only;
   `--verbose` (or VISUALGLM_LOG_LEVEL=INFO) shows its warnings and info lines too.
 * `import visualglm` registers the MindFormers pipeline task: at once when MindFormers is already imported,
@@ -30,6 +31,7 @@ def set_environment():
     os.environ.setdefault("GLOG_v", "3")
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     os.environ.setdefault("LOCAL_DEFAULT_PATH", os.path.join(cache, "visualglm", "mindformers"))
+    os.environ.setdefault("MS_OM_PATH", os.path.join(cache, "visualglm", "mindspore"))
 
 
 def level():
