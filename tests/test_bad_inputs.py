@@ -4,6 +4,7 @@ on stderr, exit code 2, no traceback, and nothing is written.
 Runs go through each script's main and `run_main` in this process (the same path as the command line);
 the LoRA and finetune cases use the embedded demo model and the shipped finetune yaml."""
 import json
+import math
 import pickle
 import subprocess
 import sys
@@ -244,3 +245,28 @@ def test_a_yaml_with_python_tags_is_refused_without_running_them(module, extra, 
     _one_error(module, ["--config", path, "--output_dir", tmp_path / "out"][:None if "finetune" in module else 2]
                + extra, capsys, str(path))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("option", ["--batch_size", "--log_steps", "--num_iters"])
+def test_finetune_counts_below_one_are_refused(option, tmp_path, capsys):
+    _one_error("run_visualglm_finetune", ["--config", FINETUNE_YAML, "--output_dir", tmp_path / "out", option, "0"],
+               capsys, f"{option} must be >= 1, got 0")
+    assert not (tmp_path / "out").exists()
+
+
+def test_finetune_sequence_beyond_memory_says_what_fits(tmp_path, capsys, monkeypatch):
+    """max_source_length + max_target_length whose attention cannot fit: refused before the dataset is built."""
+    available = 2 ** 30
+    monkeypatch.setattr(app, "_memory_limit", lambda target, size: (available, "this machine's available memory"))
+    path = _finetune_yaml(tmp_path, _set("train_dataset", "max_target_length", 10 ** 6))
+    weights = REPO / "research" / "visualglm" / "demo" / "weights"
+    line = _one_error("run_visualglm_finetune", ["--config", path, "--output_dir", tmp_path / "out", "--checkpoint",
+                                                 weights / "visualglm_demo.ckpt", "--vocab_file",
+                                                 weights / "demo_tokenizer.model", "--dataset_dir",
+                                                 REPO / "finetune" / "dataset.json"], capsys,
+                      "needs", "max_target_length")
+    # the yaml's model sizes apply (the checkpoint is only checked when loaded, after this)
+    text = yaml.safe_load(FINETUNE_YAML.read_text(encoding="utf-8"))["model"]["model_config"]["text_config"]
+    per_square = 1 + 4 * text["num_heads"] * text["num_layers"]
+    assert f"at most {math.isqrt(available // per_square)} together would fit" in line
+    assert not (tmp_path / "out").exists()

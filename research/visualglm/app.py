@@ -6,6 +6,7 @@ Relative image, input-file, checkpoint and vocabulary paths are looked up in the
 the repository root, so the README's commands work from the root and from research/visualglm/.
 """
 import json
+import math
 import os
 import re
 import sys
@@ -312,6 +313,20 @@ def check_cache_fits(text_config, target, max_device_memory=None):
                         f"({_gib(limit[0])}): lower "
                         f"--seq_length (at most {longest} would fit, less once the weights are loaded) or "
                         "--batch_size")
+
+
+def check_training_fits(text_config, batch_size, length, target, max_device_memory=None):
+    """Before the dataset is built: one training step of batch_size × length keeps, per GLM layer, float32
+    attention scores [heads, length, length] for the backward pass, beside the bool masks of the samples.
+    Refuse a length whose quadratic part alone cannot fit, naming the longest that would."""
+    per_square = batch_size * (1 + 4 * text_config.num_heads * text_config.num_layers)
+    limit = _memory_limit(target, max_device_memory)
+    if limit is not None and per_square * length ** 2 > limit[0]:
+        longest = math.isqrt(limit[0] // per_square)
+        raise UserError(f"batch_size {batch_size} × max_source_length + max_target_length {length} needs "
+                        f"{_gib(per_square * length ** 2)} for the attention of one training step, more than "
+                        f"{limit[1]} ({_gib(limit[0])}): lower train_dataset.max_source_length / max_target_length "
+                        f"(at most {longest} together would fit, less with the weights) or --batch_size")
 
 
 def _memory_limit(target, max_device_memory):

@@ -190,6 +190,10 @@ def run_finetune(args):
     if args.save_steps is not None and args.save_steps < 1:
         raise UserError(f"--save_steps must be a number of steps >= 1 (got {args.save_steps}); leave it out to "
                         "use the yaml's save_checkpoint_steps")
+    for name in ("batch_size", "log_steps", "num_iters"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name} must be >= 1, got {value}")
     config_path = app.resolve_path(args.config, app.PACKAGE_DIR, app.REPO_ROOT)
     if config_path is None:
         raise UserError(f"config file not found: {args.config}")
@@ -217,6 +221,8 @@ def run_finetune(args):
         config=config_path, device_target=args.device_target, device_id=args.device_id,
         batch_size=1, use_past=False, seq_length=source_len + target_len, compute_dtype=args.compute_dtype,
         checkpoint=args.checkpoint, vocab_file=args.vocab_file, seed=args.seed))
+    app.check_training_fits(settings.config.text_config, args.batch_size, source_len + target_len,
+                            settings.device_target, settings.max_device_memory)
     import mindspore as ms  # noqa: F811
     app.set_device(settings.device_target, args.device_id, settings.max_device_memory)
     if args.graph_mode:
