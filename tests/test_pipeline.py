@@ -107,7 +107,7 @@ def test_bad_pipeline_inputs(make_pipe, chat_model):
 def test_pipeline_script_from_the_script_folder(script_run, engine):
     result = script_run.result()
     assert_ok(result)
-    # --verbose: MindFormers' info lines on stderr; stdout holds the Response lines only
+    # the upstream log line on stderr; stdout holds the Response lines only
     assert "batch_size is 2" in result.stderr and "batch_size is" not in result.stdout
     assert all(line.startswith("Response: [") for line in result.stdout.splitlines())
     pairs = jsonl_pairs()

@@ -4,9 +4,11 @@
     python research/visualglm/run_visualglm_pipeline.py --device_target CPU --batch_size 2 \
         --input_file examples/example_inputs.jsonl --max_new_tokens 64
 
-Same arguments as run_visualglm.py (without --stream). Prints the parsed arguments and (with --verbose) logs
-`batch_size is {n}` on stderr, then prints `Response: ['answer 1', 'answer 2']` on stdout.
+Same arguments as run_visualglm.py (without --stream). Prints the parsed arguments and `batch_size is {n}` on
+stderr, then `Response: ['answer 1', 'answer 2']` on stdout.
 """
+import sys
+
 from visualglm import app
 from visualglm.cli import generate_parser, run_main
 
@@ -18,14 +20,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from mindformers import pipeline   # after the arguments: --help answers at once
-    from mindformers.tools.logger import logger
     from visualglm.pipeline import TASK
     samples, parts = app.prepare(args)
     generation = {k: v for k, v in vars(parts.generation).items() if k != "banned_token_ranges"}
     pipe = pipeline(task=TASK, model=parts.model, image_processor=parts.image_processor,
                     tokenizer=parts.tokenizer, batch_size=args.batch_size, use_past=args.use_past,
                     english=args.english, **generation)
-    logger.info("batch_size is %d", args.batch_size)
+    print(f"batch_size is {args.batch_size}", file=sys.stderr, flush=True)   # the upstream script's log line
     answers = []
     for _ in range(args.generate_repeat_time):
         answers = pipe([{"image": s.image, "prompt": s.prompt} for s in samples])
