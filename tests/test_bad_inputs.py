@@ -270,3 +270,26 @@ def test_finetune_sequence_beyond_memory_says_what_fits(tmp_path, capsys, monkey
     per_square = 1 + 4 * text["num_heads"] * text["num_layers"]
     assert f"at most {math.isqrt(available // per_square)} together would fit" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_safetensors_file_whose_header_length_looks_like_a_pickle_still_loads(tmp_path):
+    """The first 8 bytes of a .safetensors file are its header length: 0x280 reads as b'\\x80\\x02', a pickle's
+    first bytes; such a file is still read."""
+    from visualglm.modeling import read_checkpoint
+    header = {"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "__metadata__": {"format": "ms"}}
+    text = json.dumps(header)
+    text += " " * (0x280 - len(text))
+    path = tmp_path / "lora.safetensors"
+    path.write_bytes((0x280).to_bytes(8, "little") + text.encode() + np.array([1, 2], np.float32).tobytes())
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    assert read_checkpoint(str(path))["w"].asnumpy().tolist() == [1.0, 2.0]
+
+
+def test_convert_refuses_an_image_or_empty_file_as_the_torch_checkpoint(tmp_path, capsys):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    for source, kind in ((PNG, "a PNG image"), (empty, "an empty file")):
+        _one_error("convert_weight", ["--torch_path", source, "--vit_mindspore_path", tmp_path / "out" / "vit.ckpt",
+                                      "--qformer_mindspore_path", tmp_path / "out" / "q.ckpt", "--glm_mindspore_path",
+                                      tmp_path / "out" / "glm.ckpt"], capsys, f"{source} is {kind}, not a PyTorch checkpoint")
+        assert not (tmp_path / "out").exists()

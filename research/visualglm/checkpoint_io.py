@@ -74,6 +74,24 @@ def bf16_to_float32(bits):
 
 # ----- low-level file access -----
 
+_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+          (b"PK\x03\x04", "a zip archive"), (b"\x80\x02", "a Python pickle"), (b"\x80\x03", "a Python pickle"),
+          (b"\x80\x04", "a Python pickle"), (b"\x80\x05", "a Python pickle"))
+
+
+def file_kind(path):
+    """What a file's first bytes say it is ('a PNG image', 'a Python pickle', 'an empty file', ...), or None;
+    CheckpointFileError when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as err:
+        raise CheckpointFileError(f"cannot read {path}: {err.strerror or err}") from None
+    if not head:
+        return "an empty file"
+    return next((what for magic, what in _MAGIC if head.startswith(magic)), None)
+
+
 def file_size(path):
     return os.stat(path).st_size
 

@@ -485,6 +485,9 @@ def load_sat_state_dict(pt_path):
     import pickle
     import warnings
     import torch
+    kind = cio.file_kind(pt_path)
+    if kind and kind not in ("a zip archive", "a Python pickle"):   # what torch.load reads
+        raise ConversionError(f"{pt_path} is {kind}, not a PyTorch checkpoint")
     try:
         with warnings.catch_warnings():   # torch's notes on the pickle protocol are no news to the user
             warnings.simplefilter("ignore", UserWarning)

@@ -184,26 +184,24 @@ class CheckpointMismatchError(UserError):
     """A checkpoint that does not fit the model's parameters (names or shapes)."""
 
 
-_MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
-          (b"PK\x03\x04", "a zip archive (a PyTorch .bin/.pt checkpoint?)"),
-          (b"\x80\x02", "a Python pickle (a PyTorch checkpoint?)"), (b"\x80\x03", "a Python pickle"),
-          (b"\x80\x04", "a Python pickle"), (b"\x80\x05", "a Python pickle"))
 _EMPTY_AFTER_FILTER = "empty after filter"
 
 
 def check_checkpoint_file(path, what="the checkpoint"):
     """Refuse, from its first bytes, a file that cannot be a MindSpore checkpoint: unreadable, empty, an image,
     a pickle or a zip (PyTorch) file. One-line CheckpointFileError naming `what`."""
-    from visualglm.checkpoint_io import CheckpointFileError
+    from visualglm.checkpoint_io import CheckpointFileError, file_kind
     try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as err:
-        raise CheckpointFileError(f"cannot read {what} {path}: {err.strerror or err}") from None
-    kind = next((name for magic, name in _MAGIC if head.startswith(magic)), None)
-    if kind or not head:
-        raise CheckpointFileError(f"{what} {path} is {kind or 'an empty file'}, not a MindSpore checkpoint (.ckpt "
-                                  "or .safetensors; convert PyTorch weights with convert_weight.py)")
+        kind = file_kind(path)
+    except CheckpointFileError as err:
+        raise CheckpointFileError(f"{what}: {err}") from None
+    if kind == "a Python pickle" and str(path).endswith(".safetensors"):
+        kind = None   # a safetensors header length of 0x?280..0x?580 starts with the same two bytes
+    if kind:   # MindSpore's own error for these says only "may be corrupted"
+        if kind == "a zip archive":
+            kind += " (a PyTorch .bin/.pt checkpoint?)"
+        raise CheckpointFileError(f"{what} {path} is {kind}, not a MindSpore checkpoint (.ckpt or .safetensors; "
+                                  "convert PyTorch weights with convert_weight.py)")
 
 
 def read_checkpoint(path, choice_func=None):
