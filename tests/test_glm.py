@@ -82,7 +82,7 @@ def test_cache_write_is_in_place_at_each_samples_column():
             self.cache = Parameter(Tensor(start.copy()), name="cache", requires_grad=False)
 
         def construct(self, new, index):
-            return _write_cache(self.cache, new, index)
+            return _write_cache(self.cache, new, index, length)
 
     writer = Writer()
     new = rng.standard_normal((b, heads, s, d)).astype(np.float32)
@@ -94,3 +94,30 @@ def test_cache_write_is_in_place_at_each_samples_column():
     np.testing.assert_array_equal(view, expected)
     np.testing.assert_array_equal(writer.cache.asnumpy().reshape(b, heads, length, d), expected)
     assert writer.cache.shape == (b * heads * length, d) and writer.cache.dtype == ms.float32
+
+
+def test_cache_write_into_one_slot_leaves_the_others():
+    """With slot_index, a batch of one writes into that slot of the cache only and attends over that slot
+    (continuous batching's prefill); checked against numpy."""
+    from mindspore import Parameter, Tensor, nn
+    from visualglm.glm import _write_cache
+
+    slots, heads, length, d, s = 3, 2, 8, 4, 3
+    rng = np.random.default_rng(1)
+    start = rng.standard_normal((slots * heads * length, d)).astype(np.float32)
+
+    class Writer(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.cache = Parameter(Tensor(start.copy()), name="cache", requires_grad=False)
+
+        def construct(self, new, index, slot):
+            return _write_cache(self.cache, new, index, length, slot)
+
+    writer = Writer()
+    new = rng.standard_normal((1, heads, s, d)).astype(np.float32)
+    view = writer(Tensor(new), Tensor(np.array([2], np.int32)), Tensor(np.array([1], np.int32))).asnumpy()
+    expected = start.reshape(slots, heads, length, d).copy()
+    expected[1, :, 2:2 + s] = new[0]
+    np.testing.assert_array_equal(view, expected[1:2])
+    np.testing.assert_array_equal(writer.cache.asnumpy().reshape(slots, heads, length, d), expected)

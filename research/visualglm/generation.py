@@ -210,29 +210,50 @@ def _softmax(x):
     return e / e.sum()
 
 
+def token_budget(config, prompt_length, max_length):
+    """How many tokens a prompt of prompt_length may get within the decoder's max_length and config's
+    max_length / max_new_tokens; SequenceTooLongError when none (or fewer than min_new_tokens)."""
+    budget = max_length - prompt_length
+    if config.max_length is not None:
+        if config.max_length > max_length:
+            raise SequenceTooLongError(f"max_length {config.max_length} exceeds the model's seq_length "
+                                       f"{max_length}: raise seq_length")
+        budget = config.max_length - prompt_length
+    if config.max_new_tokens is not None:
+        if config.max_new_tokens > max_length - prompt_length:
+            raise SequenceTooLongError(
+                f"prompt of {prompt_length} tokens + max_new_tokens {config.max_new_tokens} exceeds the model's "
+                f"seq_length {max_length}: raise seq_length or lower max_new_tokens")
+        budget = min(budget, config.max_new_tokens)
+    if budget < 1:
+        raise SequenceTooLongError(f"prompt of {prompt_length} tokens leaves no room within max_length "
+                                   f"{config.max_length}")
+    if config.min_new_tokens > budget:
+        raise SequenceTooLongError(f"min_new_tokens {config.min_new_tokens} exceeds the {budget} tokens the prompt of "
+                                   f"{prompt_length} tokens leaves within the length limit")
+    return budget
+
+
+def choose_token(logits, generated, step, config, eos_token_id, rng):
+    """The next token of one sample from its logits [V], the ids it generated so far and the step (for
+    min_new_tokens), drawing from rng when sampling."""
+    if step < config.min_new_tokens:
+        logits = logits.copy()
+        logits[eos_token_id] = -np.inf   # no end before min_new_tokens
+    if config.do_sample:
+        scores = process_logits(logits, generated, config)
+        return int(rng.choice(scores.shape[0], p=_softmax(scores.astype(np.float64))))
+    if config.repetition_penalty != 1 or config.banned_token_ranges:
+        return int(process_logits(logits, generated, config).argmax())
+    return int(logits.argmax())
+
+
 def stream_tokens(decoder, config, eos_token_id, return_logits=False):
     """Yield, after every step, the new token of each sample (None once it has finished). Stops when all
     samples produced eos or reached max_new_tokens / max_length. With return_logits, yields
     (tokens, the [B, V] logits they were chosen from)."""
     config.check()
-    longest = int(decoder.lengths.max())
-    budget = decoder.max_length - longest
-    if config.max_length is not None:
-        if config.max_length > decoder.max_length:
-            raise SequenceTooLongError(f"max_length {config.max_length} exceeds the model's seq_length "
-                                       f"{decoder.max_length}: raise seq_length")
-        budget = config.max_length - longest
-    if config.max_new_tokens is not None:
-        if config.max_new_tokens > decoder.max_length - longest:
-            raise SequenceTooLongError(
-                f"prompt of {longest} tokens + max_new_tokens {config.max_new_tokens} exceeds the model's "
-                f"seq_length {decoder.max_length}: raise seq_length or lower max_new_tokens")
-        budget = min(budget, config.max_new_tokens)
-    if budget < 1:
-        raise SequenceTooLongError(f"prompt of {longest} tokens leaves no room within max_length {config.max_length}")
-    if config.min_new_tokens > budget:
-        raise SequenceTooLongError(f"min_new_tokens {config.min_new_tokens} exceeds the {budget} tokens the prompt of "
-                                   f"{longest} tokens leaves within the length limit")
+    budget = token_budget(config, int(decoder.lengths.max()), decoder.max_length)
     rng = np.random.default_rng(config.seed)
     generated = [[] for _ in range(decoder.batch)]
     done = np.zeros(decoder.batch, bool)
@@ -240,18 +261,9 @@ def stream_tokens(decoder, config, eos_token_id, return_logits=False):
     for step in range(budget):
         if step < config.min_new_tokens:
             logits = logits.copy()
-            logits[:, eos_token_id] = -np.inf   # no end before min_new_tokens
-        tokens = []
-        for b in range(decoder.batch):
-            if done[b]:
-                tokens.append(None)
-            elif config.do_sample:
-                scores = process_logits(logits[b], generated[b], config)
-                tokens.append(int(rng.choice(scores.shape[0], p=_softmax(scores.astype(np.float64)))))
-            elif config.repetition_penalty != 1 or config.banned_token_ranges:
-                tokens.append(int(process_logits(logits[b], generated[b], config).argmax()))
-            else:
-                tokens.append(int(logits[b].argmax()))
+            logits[:, eos_token_id] = -np.inf   # what the tokens were chosen from (return_logits)
+        tokens = [None if done[b] else choose_token(logits[b], generated[b], step, config, eos_token_id, rng)
+                  for b in range(decoder.batch)]
         for b, token in enumerate(tokens):
             if token is not None:
                 generated[b].append(token)

@@ -7,7 +7,9 @@ position ids, row 1 the block position ids (§7.4).
 The KV cache (`key_past`/`value_past` per layer) holds `[batch_size, heads, seq_length, head_dim]` flattened to
 `[batch_size · heads · seq_length, head_dim]`, so that writing a step's keys and values is one in-place
 `ScatterUpdate` on the first axis: O(1) per token, whatever the cache length, with the static shapes GRAPH
-mode needs. Attention reads the cache back as `[batch_size, heads, seq_length, head_dim]`.
+mode needs. Attention reads the cache back as `[batch_size, heads, seq_length, head_dim]`. With `slot_index`
+([b] int32) a batch of b < batch_size inputs is written into, and attends over, those rows (slots) of the cache
+only: continuous batching prefills one new request into a free slot while the others keep theirs.
 """
 import numpy as np
 import mindspore as ms
@@ -72,6 +74,7 @@ class GLMAttention(nn.Cell):
         self.dense = Linear(inner, config.hidden_size, **kw)
         self.compute_dtype = to_ms_dtype(config.compute_dtype)
         self.softmax_dtype = to_ms_dtype(config.softmax_compute_type)
+        self.cache_length = config.seq_length
 
     def _rotate(self, x, cos, sin):
         """x [B, S, heads, d]: first half of d rotated by positions, second half by block positions."""
@@ -82,7 +85,7 @@ class GLMAttention(nn.Cell):
         second = second * cos[1] + _rotate_half(second) * sin[1]
         return ops.concat((first, second), axis=-1).astype(self.compute_dtype)
 
-    def construct(self, x, cos, sin, mask, key_cache=None, value_cache=None, cache_index=None):
+    def construct(self, x, cos, sin, mask, key_cache=None, value_cache=None, cache_index=None, slot_index=None):
         b, s, _ = x.shape
         qkv = self.query_key_value(x)
         q, k, v = ops.split(qkv, qkv.shape[-1] // 3, axis=-1)
@@ -90,20 +93,27 @@ class GLMAttention(nn.Cell):
         k = self._rotate(k.reshape(b, s, self.num_heads, self.head_dim), cos, sin).transpose(0, 2, 1, 3)
         v = v.reshape(b, s, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         if cache_index is not None:
-            k = _write_cache(key_cache, k, cache_index)
-            v = _write_cache(value_cache, v, cache_index)
+            k = _write_cache(key_cache, k, cache_index, self.cache_length, slot_index)
+            v = _write_cache(value_cache, v, cache_index, self.cache_length, slot_index)
         return self.dense(merge_heads(attention(q, k, v, mask, self.softmax_dtype)))
 
 
-def _write_cache(cache, new, cache_index):
-    """Write new [B, heads, S, d] into the flat cache [B·heads·L, d] at positions cache_index[b] … + S - 1 of
-    each (sample, head) row, in place, and return the cache viewed as [B, heads, L, d]."""
+def _write_cache(cache, new, cache_index, length, slot_index=None):
+    """Write new [b, heads, S, d] into the flat cache [B·heads·L, d] at positions cache_index[i] … + S - 1 of
+    each (slot, head) row, in place, and return the cache viewed as [b, heads, L, d]. The slots are
+    slot_index [b], or 0 … b - 1 (then b = B) without it."""
     b, heads, s, d = new.shape
-    length = cache.shape[0] // (b * heads)
-    rows = ops.arange(b * heads, dtype=ms.int32).reshape(b, heads, 1) * length
+    if slot_index is None:
+        rows = ops.arange(b * heads, dtype=ms.int32).reshape(b, heads, 1) * length
+    else:
+        slots = slot_index.astype(ms.int32).reshape(b, 1, 1) * heads
+        rows = (slots + ops.arange(heads, dtype=ms.int32).reshape(1, heads, 1)) * length
     columns = cache_index.astype(ms.int32).reshape(b, 1, 1) + ops.arange(s, dtype=ms.int32).reshape(1, 1, s)
     updated = ops.scatter_update(cache, (rows + columns).reshape(-1), new.reshape(b * heads * s, d))
-    return updated.reshape(b, heads, length, d)
+    updated = updated.reshape(-1, heads, length, d)
+    if slot_index is None:
+        return updated
+    return ops.gather(updated, slot_index.astype(ms.int32), 0)
 
 
 class GLMMLP(nn.Cell):
@@ -136,10 +146,10 @@ class GLMBlock(nn.Cell):
             self.key_past = Parameter(initializer("zeros", shape, dtype), name="key_past", requires_grad=False)
             self.value_past = Parameter(initializer("zeros", shape, dtype), name="value_past", requires_grad=False)
 
-    def construct(self, x, cos, sin, mask, cache_index=None):
+    def construct(self, x, cos, sin, mask, cache_index=None, slot_index=None):
         a = self.input_layernorm(x)
         if cache_index is not None:
-            attn = self.attention(a, cos, sin, mask, self.key_past, self.value_past, cache_index)
+            attn = self.attention(a, cos, sin, mask, self.key_past, self.value_past, cache_index, slot_index)
         else:
             attn = self.attention(a, cos, sin, mask)
         h = a * self.alpha + attn.astype(a.dtype)
@@ -168,12 +178,12 @@ class GLMModel(nn.Cell):
         emb = ops.concat((angles, angles), axis=-1).expand_dims(3)
         return ops.cos(emb), ops.sin(emb)
 
-    def construct(self, input_embeds, position_ids, attention_mask, cache_index=None):
+    def construct(self, input_embeds, position_ids, attention_mask, cache_index=None, slot_index=None):
         cos, sin = self.rotary(position_ids)
         mask = attention_mask.expand_dims(1)
         hidden = input_embeds.astype(self.residual_dtype)
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, mask, cache_index)
+            hidden = layer(hidden, cos, sin, mask, cache_index, slot_index)
         return self.final_layernorm(hidden)
 
 
@@ -187,8 +197,9 @@ class GLMForCausalLM(nn.Cell):
                               param_init_type=to_ms_dtype(config.param_init_type),
                               compute_dtype=to_ms_dtype(config.compute_dtype))
 
-    def construct(self, input_embeds, position_ids, attention_mask, cache_index=None, logits_index=None):
-        hidden = self.transformer(input_embeds, position_ids, attention_mask, cache_index)
+    def construct(self, input_embeds, position_ids, attention_mask, cache_index=None, logits_index=None,
+                  slot_index=None):
+        hidden = self.transformer(input_embeds, position_ids, attention_mask, cache_index, slot_index)
         if logits_index is not None:
             b, s, h = hidden.shape
             rows = logits_index.astype(ms.int32) + ops.arange(b, dtype=ms.int32) * s

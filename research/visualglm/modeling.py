@@ -92,11 +92,11 @@ class VisualGLMModel(nn.Cell):
         return embeds
 
     def construct(self, input_ids, position_ids, attention_mask, pixel_values=None, image_embeds=None,
-                  image_start=None, cache_index=None, logits_index=None):
+                  image_start=None, cache_index=None, logits_index=None, slot_index=None):
         if pixel_values is not None:
             image_embeds = self._encode_image(pixel_values)
         embeds = self.embed(input_ids, image_embeds, image_start)
-        return self.llm_model(embeds, position_ids, attention_mask, cache_index, logits_index)
+        return self.llm_model(embeds, position_ids, attention_mask, cache_index, logits_index, slot_index)
 
     # ----- Python API -----
     def glm_inputs(self, input_ids, length=None):
