@@ -135,7 +135,8 @@ def servers(tmp_path_factory, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_
                            stderr=subprocess.STDOUT, text=True)
     main = Server(SCRIPTS / "api.py", common + ["--max_queue", "4", "--max_body_bytes", "400000",
                                                 "--max_image_pixels", "1000000"], folder, "main")
-    busy = Server(SCRIPTS / "api.py", common + ["--max_queue", "1", "--allow_remote_images", "127.0.0.1"],
+    busy = Server(SCRIPTS / "api.py", common + ["--max_batch", "1", "--max_queue", "1", "--allow_remote_images",
+                                                "127.0.0.1"],
                   folder, "busy")
     try:
         out, _ = run.communicate(timeout=300)
@@ -334,7 +335,7 @@ def test_values_beyond_the_model_are_capped(servers, schema, body):
 
 
 def test_full_queue_answers_503_at_once(servers):
-    """Queue of 1: one request runs, one waits, the others are refused at once; all end well."""
+    """One slot and a queue of 1: one request runs, one waits, the others are refused at once; all end well."""
     url = servers["busy"].url + "/"
 
     def ask(_):
@@ -408,22 +409,60 @@ def test_worker_refuses_when_its_queue_is_full_before_and_at_submit():
     worker.check_room()
 
 
-class _ScriptedEngine:
-    """Just what api.Service uses of VisualGLMChat: a prompt of fixed length and answer ids that count up
-    (or an error after the first step), so the test sees the serving code alone."""
+class _ScriptedModel:
+    """Just what the batching engine uses of VisualGLMModel: the next token is the last one + 1 (so answers
+    count up), or an error at the first decode step; the serving code and the engine are tested alone."""
 
     def __init__(self, fail):
         from types import SimpleNamespace
         self.fail = fail
-        self.model = SimpleNamespace(config=SimpleNamespace(text_config=SimpleNamespace(seq_length=64)))
+        self.config = SimpleNamespace(text_config=SimpleNamespace(
+            use_past=True, batch_size=2, seq_length=64, eos_token_id=63, pad_token_id=0))
+
+    def glm_inputs(self, ids, length):
+        import numpy as np
+        return np.zeros((1, 2, length), np.int32), np.tril(np.ones((1, length, length), bool))
+
+    def encode_image(self, pixels):
+        import numpy as np
+        return type("Out", (), {"asnumpy": lambda self: np.zeros((1, 2, 4), np.float32)})()
+
+    def __call__(self, ids, positions, mask, pixels, embeds, starts, cache_index, logits_index, slot_index=None):
+        import numpy as np
+        ids = ids.asnumpy()
+        if self.fail and slot_index is None:
+            raise RuntimeError("scripted failure")
+        last = ids[:, -1] if slot_index is None else np.zeros(len(ids), np.int64)
+        logits = np.zeros((len(ids), 64), np.float32)
+        logits[np.arange(len(ids)), last + 1] = 1
+        return type("Out", (), {"asnumpy": lambda self: logits})()
+
+
+class _ScriptedChat:
+    """Just what api.Service uses of VisualGLMChat (processor, config_for, the model's seq_length)."""
+
+    def __init__(self, model):
+        from types import SimpleNamespace
+        import numpy as np
+        self.model = model
+        inputs = {"input_ids": [0] * 8, "image_start": 1, "pixel_values": np.zeros((1, 3, 4, 4), np.float32)}
         self.processor = SimpleNamespace(build_input_ids=lambda query, history, english, with_image: ([0] * 8, 1),
                                          decode_response=lambda ids, english: "".join(chr(0x4e00 + i) for i in ids))
+        self.processor.__call__ = None
+        self.processor = _Processor(self.processor, inputs)
 
-    def stream_ids(self, samples, english=False, **kwargs):
-        for step in range(kwargs["max_new_tokens"]):
-            if self.fail and step:
-                raise RuntimeError("scripted failure")
-            yield [list(range(step + 1))]
+    def config_for(self, english=False, **overrides):
+        from visualglm.generation import GenerationConfig
+        return GenerationConfig(**overrides).check()
+
+
+class _Processor:
+    def __init__(self, base, inputs):
+        self.base, self.inputs = base, inputs
+        self.build_input_ids, self.decode_response = base.build_input_ids, base.decode_response
+
+    def __call__(self, query, image=None, history=(), english=False):
+        return dict(self.inputs)
 
 
 @pytest.mark.parametrize("fail", [False, True], ids=["answered", "failed"])
@@ -438,22 +477,30 @@ def test_a_finished_request_frees_its_image_without_the_cycle_collector(monkeypa
     open_image = serving.open_image
     monkeypatch.setattr(serving, "open_image", lambda data, limit: images.append(open_image(data, limit))
                         or images[-1])
-    service = api.Service(_ScriptedEngine(fail), dict(serving.UPSTREAM_DEFAULTS), max_queue=1)
+    from visualglm.batching import BatchEngine
+    import visualglm.processing  # noqa: F401  imported first, as the server does: MindFormers' first import
+    #                              keeps the frames that imported it (and their images) alive
+    model = _ScriptedModel(fail)
+    batcher = BatchEngine(model, max_queue=1)
+    service = api.Service(_ScriptedChat(model), batcher, dict(serving.UPSTREAM_DEFAULTS))
     gc.collect()
     gc.disable()
     try:
-        job = service.upstream_job({"image": b64(), "text": QUERY, "temperature": 0, "max_new_tokens": 3})
+        stream = service.upstream_job({"image": b64(), "text": QUERY, "temperature": 0, "max_new_tokens": 3})
         image = weakref.ref(images.pop())
         if fail:
             with pytest.raises(RuntimeError, match="scripted failure"):
-                job.future.result(10)
+                stream.consume()
+            assert stream.request.finish_reason == "error"
         else:
-            assert job.future.result(10).answer == "一丁丂"
-        del job
-        for _ in range(200):   # the worker lets go of its job right after handing over the result
+            stream.consume()
+            assert stream.answer == "丁丂七" and stream.finish_reason == "length"   # ids 1, 2, 3
+        del stream
+        for _ in range(200):   # the engine lets go of the request right after its last token
             if image() is None:
                 break
             time.sleep(0.01)
         assert image() is None, gc.get_referrers(image())
+        assert batcher.status()["active"] == 0
     finally:
         gc.enable()

@@ -11,18 +11,21 @@
   (0 = greedy), top_p, seed. One image per conversation. System messages are ignored.
 * GET /v1/models, GET /health.
 
-One model serves one request at a time behind a queue of --max_queue waiting requests; more are refused
-with 503 at once. Bodies over --max_body_bytes and images over --max_image_pixels: 413. Malformed JSON,
-images or parameters: 400 with a message.
+Requests are batched continuously (visualglm.batching): up to --max_batch answers are generated together, a
+new request joins at the next step and leaves as soon as it ends; --max_queue more may wait for a slot, beyond
+that 503 at once. Bodies over --max_body_bytes and images over --max_image_pixels: 413. Malformed JSON,
+images or parameters, prompts that do not fit: 400 with a message.
 """
 import asyncio
 import json
 import math
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from visualglm import serving
+from visualglm.batching import QueueFull
 from visualglm.cli import run_main
 from visualglm.errors import UserError
 
@@ -40,7 +43,7 @@ def _error_body(status, message, kind):
 def _as_http(err):
     if isinstance(err, HTTPError):
         return err
-    if isinstance(err, serving.QueueFull):
+    if isinstance(err, (serving.QueueFull, QueueFull)):
         return HTTPError(503, str(err), "server_busy")
     if isinstance(err, serving.TooLarge):
         return HTTPError(413, str(err), "request_too_large")
@@ -89,13 +92,25 @@ def _check_text(text, what):
                              f"lone surrogate {text[err.start]!r} at character {err.start}") from None
 
 
+MAX_STOP = 4
+
+
+def parse_stop(value):
+    """OpenAI's stop: a string or a list of at most MAX_STOP strings."""
+    if value is None:
+        return ()
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or len(values) > MAX_STOP or not all(isinstance(v, str) for v in values):
+        raise HTTPError(400, f"stop must be a string or a list of at most {MAX_STOP} strings, got {value!r:.80}")
+    return tuple(values)
+
+
 class Service:
     """The engine, its worker and the limits; the request handling independent of the web framework."""
 
-    def __init__(self, engine, defaults, max_queue=4, max_body_bytes=20 << 20, max_image_pixels=4096 * 4096,
+    def __init__(self, engine, batcher, defaults, max_body_bytes=20 << 20, max_image_pixels=4096 * 4096,
                  allowed_hosts=(), model_name=serving.MODEL_NAME):
-        self.engine, self.defaults = engine, defaults
-        self.worker = serving.Worker(max_queue)
+        self.engine, self.batcher, self.defaults = engine, batcher, defaults
         # Requests are parsed and their images decoded on one thread: the decoding's memory stays in one
         # malloc arena instead of growing one per thread of the server's thread pool.
         self.parser = ThreadPoolExecutor(1, thread_name_prefix="visualglm-parse")
@@ -189,17 +204,10 @@ class Service:
         return turns[-1][1], image, history
 
     # ----- running -----
-    def submit_stream(self, query, image, history, english, kwargs):
-        """Queue one generation; the job streams text deltas on .events and returns the TextStream."""
-        engine = self.engine
-
-        def run(job):
-            stream = serving.TextStream(engine, query, image, history, english, cancelled=job.is_cancelled,
-                                        **kwargs)
-            for delta in stream:
-                job.events.put(delta)
-            return stream
-        return self.worker.submit(run)
+    def start(self, query, image, history, english, kwargs, stop=()):
+        """Submit one generation to the batching engine; the BatchedTextStream yields its text deltas."""
+        return serving.BatchedTextStream(self.engine, self.batcher, query, image, history, english, stop=stop,
+                                         **kwargs)
 
     def prepare(self, query, image, history, request_options, names=None):
         if not isinstance(query, str):
@@ -226,7 +234,7 @@ class Service:
         options = {k: data[k] for k in ("max_length", "top_p", "top_k", "temperature", "do_sample",
                                         "max_new_tokens", "repetition_penalty", "seed") if k in data}
         english, kwargs, _, _ = self.prepare(text, image, history, options)
-        return self.submit_stream(text, image, history, english, kwargs)
+        return self.start(text, image, history, english, kwargs)
 
     def openai_job(self, data):
         if data.get("n", 1) is not None and (isinstance(data.get("n", 1), bool) or data.get("n", 1) != 1):
@@ -239,8 +247,7 @@ class Service:
             if data.get(key) is not None:
                 options[target], names[target] = data[key], key
         english, kwargs, prompt_tokens, budget = self.prepare(query, image, history, options, names)
-        job = self.submit_stream(query, image, history, english, kwargs)
-        return job, prompt_tokens, budget
+        return self.start(query, image, history, english, kwargs, parse_stop(data.get("stop"))), prompt_tokens
 
 
 def create_app(service):
@@ -254,7 +261,7 @@ def create_app(service):
         return JSONResponse(_error_body(err.status, err.message, err.kind), status_code=err.status)
 
     async def read_body(request):
-        service.worker.check_room()   # a full queue refuses before the body is read and its image decoded
+        service.batcher.check_room()   # a full queue refuses before the body is read and its image decoded
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > service.max_body_bytes:
             raise HTTPError(413, f"the body has {length} bytes, more than the limit {service.max_body_bytes}",
@@ -268,11 +275,12 @@ def create_app(service):
             chunks.append(chunk)
         return service.parse_json(b"".join(chunks))
 
-    async def wait(job):
+    async def finish(stream):
+        """The whole answer (the stream run to its end on a thread); a client gone cancels the generation."""
         try:
-            return await asyncio.wrap_future(job.future)
+            return await asyncio.get_running_loop().run_in_executor(None, stream.consume)
         except asyncio.CancelledError:
-            job.cancel()
+            stream.cancel()
             raise
 
     @api.exception_handler(HTTPError)
@@ -281,7 +289,7 @@ def create_app(service):
 
     @api.get("/health")
     async def health():
-        return {"status": "ok", "model": service.model_name, **service.worker.status(),
+        return {"status": "ok", "model": service.model_name, **service.batcher.status(),
                 "rss_bytes": serving.rss_bytes()}
 
     @api.get("/v1/models")
@@ -293,8 +301,8 @@ def create_app(service):
     async def upstream(request: Request):
         try:
             data = await read_body(request)
-            job = await asyncio.wrap_future(service.parser.submit(service.upstream_job, data))
-            stream = await wait(job)
+            stream = await asyncio.wrap_future(service.parser.submit(service.upstream_job, data))
+            stream = await finish(stream)
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001 - every failure is an HTTP answer
@@ -306,30 +314,27 @@ def create_app(service):
     async def chat_completions(request: Request):
         try:
             data = await read_body(request)
-            job, prompt_tokens, budget = await asyncio.wrap_future(service.parser.submit(service.openai_job, data))
+            stream, prompt_tokens = await asyncio.wrap_future(service.parser.submit(service.openai_job, data))
         except Exception as err:  # noqa: BLE001
             return error_response(err)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         model = data.get("model") or service.model_name
 
-        def finish_reason(stream):
-            return "length" if stream.tokens >= budget else "stop"
-
-        def usage(stream):
+        def usage():
             return {"prompt_tokens": prompt_tokens, "completion_tokens": stream.tokens,
                     "total_tokens": prompt_tokens + stream.tokens}
 
         if not data.get("stream"):
             try:
-                stream = await wait(job)
+                await finish(stream)
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # noqa: BLE001
                 return error_response(err)
             return {"id": ident, "object": "chat.completion", "created": created, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": stream.answer},
-                                 "finish_reason": finish_reason(stream)}],
-                    "usage": usage(stream)}
+                                 "finish_reason": stream.finish_reason}],
+                    "usage": usage()}
 
         include_usage = bool((data.get("stream_options") or {}).get("include_usage")) \
             if isinstance(data.get("stream_options"), dict) else False
@@ -343,13 +348,9 @@ def create_app(service):
         def events():
             try:
                 yield chunk({"role": "assistant", "content": ""})
-                while True:
-                    delta = job.events.get()
-                    if delta is None:
-                        break
-                    yield chunk({"content": delta})
                 try:
-                    stream = job.future.result()
+                    for delta in stream:
+                        yield chunk({"content": delta})
                 except Exception as err:  # noqa: BLE001 - reported in the stream
                     err = _as_http(err)
                     yield "data: " + json.dumps(_error_body(err.status, err.message, err.kind),
@@ -358,13 +359,13 @@ def create_app(service):
                     return
                 if stream.rewritten:   # cleaned text differs from what was streamed: rare, send the whole answer
                     yield chunk({"content": "\n" + stream.answer})
-                yield chunk({}, finish_reason(stream))
+                yield chunk({}, stream.finish_reason, usage=usage())
                 if include_usage:
                     yield "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
-                                                 "model": model, "choices": [], "usage": usage(stream)}) + "\n\n"
+                                                 "model": model, "choices": [], "usage": usage()}) + "\n\n"
                 yield "data: [DONE]\n\n"
             finally:
-                job.cancel()   # a client that went away stops the generation at the next token
+                stream.cancel()   # a client that went away frees its slot at the next step
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -374,8 +375,10 @@ def create_app(service):
 
 def parse_args(argv=None):
     parser, group = serving.server_parser(__doc__)
-    group.add_argument("--max_queue", type=int, default=4,
-                       help="requests that may wait besides the running one; more get 503 (default %(default)s)")
+    group.add_argument("--max_batch", type=int, default=8,
+                       help="answers generated together (KV-cache slots; default %(default)s)")
+    group.add_argument("--max_queue", type=int, default=16,
+                       help="requests that may wait for a slot; more get 503 at once (default %(default)s)")
     group.add_argument("--max_body_bytes", type=int, default=20 << 20, help="larger bodies get 413 (default 20 MiB)")
     group.add_argument("--max_image_pixels", type=int, default=4096 * 4096,
                        help="larger images get 413 (default 4096x4096)")
@@ -389,16 +392,19 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    for name in ("max_queue", "max_body_bytes", "max_image_pixels"):
+    for name in ("max_batch", "max_queue", "max_body_bytes", "max_image_pixels"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1")
     import uvicorn
-    engine = serving.build_engine(args)
-    service = Service(engine, serving.generation_defaults(args), args.max_queue, args.max_body_bytes,
+    engine, batcher = serving.build_batching(args)
+    service = Service(engine, batcher, serving.generation_defaults(args), args.max_body_bytes,
                       args.max_image_pixels, args.allow_remote_images, args.model_name)
     print(f"VisualGLM-6B API on http://{args.host}:{args.port} (POST /, POST /v1/chat/completions, "
-          "GET /v1/models, GET /health)", flush=True)
-    uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning", workers=1)
+          f"GET /v1/models, GET /health; {args.max_batch} answers at once)", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="warning", workers=1)
+    finally:
+        batcher.shutdown(cancel=True, timeout=30)
 
 
 if __name__ == "__main__":

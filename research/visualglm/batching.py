@@ -36,6 +36,11 @@ class QueueFull(Exception):
     """Every slot is busy and the waiting line is full (HTTP 503)."""
 
 
+class GenerationError(RuntimeError):
+    """The engine failed while generating a request (raised anew for each reader: the request keeps the
+    original error without a traceback, so no frame of a reader is kept alive through it)."""
+
+
 END = None   # the last item of a request's events: no more tokens
 
 
@@ -46,6 +51,7 @@ class Request:
     config: GenerationConfig = field(default_factory=GenerationConfig)
     image_embeds: Optional[np.ndarray] = None    # [1, image_length, hidden]
     image_start: Optional[int] = None
+    pixel_values: Optional[np.ndarray] = None    # [1, 3, S, S]: encoded by the engine's thread when no embeds
     adapter: Optional[str] = None                # a LoRA adapter name (None: the base model)
     ident: str = ""
     # filled in by the engine
@@ -61,6 +67,10 @@ class Request:
         self.done = threading.Event()
         self._cancelled = threading.Event()
 
+    def _raise_error(self):
+        if self.error is not None:
+            raise GenerationError(f"generation failed: {type(self.error).__name__}: {self.error}")
+
     def cancel(self):
         """Stop generating (a client went away): the slot is freed before the next step."""
         self._cancelled.set()
@@ -73,8 +83,7 @@ class Request:
         """The generated ids (end token excluded) once finished; raises the engine's error if it failed."""
         if not self.done.wait(timeout):
             raise TimeoutError(f"request {self.ident} not finished after {timeout} s")
-        if self.error is not None:
-            raise self.error
+        self._raise_error()
         return [t for t in self.tokens if t != self.eos_token_id]
 
     def stream(self):
@@ -82,8 +91,7 @@ class Request:
         while True:
             token = self.events.get()
             if token is END:
-                if self.error is not None:
-                    raise self.error
+                self._raise_error()
                 return
             if token != self.eos_token_id:
                 yield token
@@ -145,7 +153,8 @@ class BatchEngine:
         self.waiting = deque()
         self.lock = threading.Condition()
         self.stopping = False
-        self.counters = {"admitted": 0, "finished": 0, "tokens": 0, "steps": 0}
+        self.counters = {"admitted": 0, "finished": 0, "refused": 0, "tokens": 0, "steps": 0}
+        self._images = {}    # a few encoded images by content: later turns about one image skip the ViT
         self._numbers = itertools.count(1)
         self.thread = threading.Thread(target=self._loop, name="visualglm-batching", daemon=True)
         self.thread.start()
@@ -161,11 +170,7 @@ class BatchEngine:
         request.eos_token_id = self.eos_token_id
         request.ident = request.ident or f"req-{next(self._numbers)}"
         with self.lock:
-            if self.stopping:
-                raise QueueFull("the server is shutting down")
-            if len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"all {len(self.slots)} slots are busy and {len(self.waiting)} requests wait; "
-                                "retry later")
+            self._refuse_if_full()
             request.submitted = time.monotonic()
             self.waiting.append(request)
             self.lock.notify()
@@ -174,14 +179,21 @@ class BatchEngine:
     def check_room(self):
         """QueueFull now if a request submitted now would be refused (before its body is even read)."""
         with self.lock:
-            if self.stopping or len(self.waiting) >= self.max_queue:
-                raise QueueFull(f"all {len(self.slots)} slots are busy and {len(self.waiting)} requests wait; "
-                                "retry later")
+            self._refuse_if_full()
+
+    def _refuse_if_full(self):
+        if self.stopping:
+            self.counters["refused"] += 1
+            raise QueueFull("the server is shutting down")
+        if len(self.waiting) >= self.max_queue:
+            self.counters["refused"] += 1
+            raise QueueFull(f"the server is busy: all {len(self.slots)} slots are taken and {len(self.waiting)} "
+                            "requests wait; retry later")
 
     def status(self):
         with self.lock:
-            return {"slots": len(self.slots), "active": sum(s is not None for s in self.slots),
-                    "waiting": len(self.waiting), **self.counters}
+            return {"max_batch": len(self.slots), "active": sum(s is not None for s in self.slots),
+                    "waiting": len(self.waiting), "max_queue": self.max_queue, **self.counters}
 
     def shutdown(self, cancel=False, timeout=None):
         """Refuse new requests; let the running and waiting ones finish (or cancel them), then stop the loop."""
@@ -236,6 +248,8 @@ class BatchEngine:
                 if request.adapter != self.adapter:
                     self.adapters.get(request.adapter, self.adapters.get(None, lambda: None))()
                     self.adapter = request.adapter
+                if request.image_embeds is None and request.pixel_values is not None:
+                    request.image_embeds = self._encode(request.pixel_values)
                 slot = _Slot(request, self.model, self.seq_length, self.eos_token_id)
                 request.started = time.monotonic()
                 self.slots[index] = slot
@@ -247,6 +261,17 @@ class BatchEngine:
             except Exception as err:  # noqa: BLE001 - this request fails, the others go on
                 self.slots[index] = None
                 self._close(request, "error", err)
+
+    def _encode(self, pixel_values):
+        import hashlib
+        from mindspore import Tensor
+        pixel_values = np.ascontiguousarray(pixel_values, np.float32)
+        key = hashlib.sha1(pixel_values.tobytes()).hexdigest()
+        if key not in self._images:
+            if len(self._images) >= 8:
+                self._images.pop(next(iter(self._images)))
+            self._images[key] = self.model.encode_image(Tensor(pixel_values)).asnumpy()
+        return self._images[key]
 
     def _prefill(self, index, slot):
         from mindspore import Tensor
@@ -302,11 +327,11 @@ class BatchEngine:
     def _close(self, request, reason, error=None):
         request.finish_reason = request.finish_reason or reason
         if error is not None:
-            request.finish_reason, request.error = "error", error
+            request.finish_reason, request.error = "error", error.with_traceback(None)
         request.finished = time.monotonic()
         self.counters["finished"] += 1
         request.events.put(END)
         request.done.set()
 
 
-__all__ = ["BatchEngine", "Request", "QueueFull", "SequenceTooLongError"]
+__all__ = ["BatchEngine", "GenerationError", "Request", "QueueFull", "SequenceTooLongError"]

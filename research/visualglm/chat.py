@@ -54,6 +54,10 @@ class VisualGLMChat:
         return self._image_cache[key]
 
     # ----- generation -----
+    def config_for(self, english=False, **overrides):
+        """The GenerationConfig of a call: the defaults with `overrides`, English's banned ids added; checked."""
+        return self._config(english, overrides)
+
     def _config(self, english, overrides):
         config = replace(self.generation_config, **overrides)
         vocab = self.model.config.text_config.vocab_size

@@ -119,6 +119,15 @@ def build_engine(args):
     return engine
 
 
+def build_batching(args):
+    """(VisualGLMChat, BatchEngine) of a server: the model built with --max_batch KV-cache slots."""
+    from visualglm.batching import BatchEngine
+    args = argparse.Namespace(**vars(args))
+    args.batch_size, args.use_past = args.max_batch, True
+    engine = build_engine(args)
+    return engine, BatchEngine(engine.model, max_queue=args.max_queue)
+
+
 # ----------------------------------------------------------------------------------------------- generation
 def overrides(engine, defaults, request=None, names=None):
     """Generation keyword arguments for VisualGLMChat from the defaults and a request's keys
@@ -197,37 +206,90 @@ def fit(engine, query, history, english, with_image, kwargs):
 class TextStream:
     """Iterate the text deltas of one answer as it is generated; afterwards .answer, .history and
     .tokens (answer tokens) hold the result. The last character is held back until the next token
-    (the response cleaning may still change it); a change of text already given ends in .rewritten."""
+    (the response cleaning may still change it); a change of text already given ends in .rewritten.
+    An answer that reaches one of the `stop` strings ends before it (finish_reason "stop")."""
 
-    def __init__(self, engine, query, image=None, history=(), english=False, cancelled=None, **kwargs):
+    def __init__(self, engine, query, image=None, history=(), english=False, cancelled=None, stop=(), **kwargs):
         self.engine, self.query, self.image = engine, query, image
         self.history, self.english, self.kwargs = [tuple(h) for h in history or ()], english, kwargs
         self.cancelled = cancelled or (lambda: False)
+        self.stop = tuple(s for s in stop if s)
         self.answer, self.tokens, self.given, self.rewritten = "", 0, "", False
+        self.finish_reason = None
 
-    def __iter__(self):
-        ids = [[]]
+    def _ids(self):
+        """Cumulative generated ids after each step."""
         samples = [(self.image, self.query, self.history)]
         for ids in self.engine.stream_ids(samples, self.english, **self.kwargs):
-            answer = self.engine.processor.decode_response(ids[0], english=self.english)
-            stable = answer[:-1].rstrip("\ufffd")
+            yield ids[0]
+
+    def _end(self, reason):
+        self.finish_reason = self.finish_reason or reason
+
+    def _cut(self, answer):
+        """(answer up to the first stop string, whether one was found)."""
+        found = [answer.index(s) for s in self.stop if s in answer]
+        return (answer[:min(found)], True) if found else (answer, False)
+
+    def __iter__(self):
+        ids, stopped = [], False
+        decode = self.engine.processor.decode_response
+        for ids in self._ids():
+            answer, stopped = self._cut(decode(ids, english=self.english))
+            stable = answer if stopped else answer[:-1].rstrip("\ufffd")
             if stable.startswith(self.given) and len(stable) > len(self.given):
                 delta, self.given = stable[len(self.given):], stable
                 yield delta
-            if self.cancelled():
+            if stopped or self.cancelled():
+                self._end("stop" if stopped else "cancelled")
                 break
-        self.tokens = len(ids[0])
-        self.answer = self.engine.processor.decode_response(ids[0], english=self.english)
+        self.tokens = len(ids)
+        self.answer = self._cut(decode(ids, english=self.english))[0]
         if self.answer.startswith(self.given):
             if len(self.answer) > len(self.given):
                 yield self.answer[len(self.given):]
         else:
             self.rewritten = True
         self.given = self.answer
+        self._end("stop")
+
+    def consume(self):
+        """Run to the end; returns self."""
+        for _ in self:
+            pass
+        return self
 
     @property
     def new_history(self):
         return self.history + [(self.query, self.answer)]
+
+
+class BatchedTextStream(TextStream):
+    """A TextStream whose tokens come from the continuous-batching engine: submitted at once (QueueFull when
+    the engine's waiting line is full), cancelled when the caller stops iterating early or calls cancel()."""
+
+    def __init__(self, chat, batcher, query, image=None, history=(), english=False, stop=(), adapter=None, **kwargs):
+        super().__init__(chat, query, image, history, english, stop=stop, **kwargs)
+        from visualglm.batching import Request
+        inputs = chat.processor(query, image=image, history=self.history, english=english)
+        config = chat.config_for(english, **kwargs)
+        self.request = batcher.submit(Request(inputs["input_ids"], config, image_start=inputs["image_start"],
+                                              pixel_values=inputs["pixel_values"], adapter=adapter))
+        self.prompt_tokens = len(inputs["input_ids"])
+        self.cancelled = self.request._cancelled.is_set   # not a lambda over self: no reference cycle
+
+    def _ids(self):
+        ids = []
+        try:
+            for token in self.request.stream():
+                ids.append(token)
+                yield ids
+        finally:
+            self.request.cancel()      # no-op once finished; frees the slot when the caller stopped early
+        self._end(self.request.finish_reason if self.request.finish_reason != "cancelled" else None)
+
+    def cancel(self):
+        self.request.cancel()
 
 
 # ----------------------------------------------------------------------------------------------- images
