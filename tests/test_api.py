@@ -504,3 +504,58 @@ def test_a_finished_request_frees_its_image_without_the_cycle_collector(monkeypa
         assert batcher.status()["active"] == 0
     finally:
         gc.enable()
+
+
+def _sse(url, body, stop_after=None):
+    """The data payloads of a streamed chat completion (raw HTTP); with stop_after, the connection is closed
+    after that many events (a client going away)."""
+    import http.client
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    conn.request("POST", "/v1/chat/completions", json.dumps(dict(body, stream=True)),
+                 {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    events = []
+    for line in response:
+        line = line.decode().strip()
+        if line.startswith("data: "):
+            events.append(line[len("data: "):])
+            if stop_after is not None and len(events) >= stop_after:
+                break
+    conn.close()
+    return events
+
+
+def test_concurrent_streams_each_get_their_own_answer(servers, client):
+    """Four clients stream at once (different questions): each stream carries exactly its own greedy answer
+    (equal to the same question asked alone, not streamed), ends with finish_reason, usage and [DONE]."""
+    questions = [QUERY, "这是什么颜色？", "Describe the image.", "图中有几个圆形？"]
+    bodies = [{"messages": [image_message(q, data_url())], "max_tokens": NEW_TOKENS, "temperature": 0}
+              for q in questions]
+    with ThreadPoolExecutor(4) as pool:
+        streams = list(pool.map(lambda body: _sse(servers["main"].url, body), bodies))
+    for body, events in zip(bodies, streams):
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+        last = [c for c in chunks if c["choices"]][-1]
+        assert last["choices"][0]["finish_reason"] in ("stop", "length") and last["usage"]["completion_tokens"] >= 1
+        alone = client.chat.completions.create(model="visualglm-6b", **body)
+        assert text == alone.choices[0].message.content
+        assert len({c["id"] for c in chunks}) == 1
+
+
+def test_a_client_that_disconnects_frees_its_slot(servers):
+    url = servers["main"].url
+    body = {"messages": [{"role": "user", "content": "Tell me a long story."}], "max_tokens": 100,
+            "temperature": 0}
+    events = _sse(url, body, stop_after=2)
+    assert len(events) == 2
+    for _ in range(100):
+        with urllib.request.urlopen(url + "/health") as response:
+            health = json.loads(response.read())
+        if health["active"] == 0:
+            break
+        time.sleep(0.1)
+    assert health["active"] == 0 and health["waiting"] == 0, health
