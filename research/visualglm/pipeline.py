@@ -90,6 +90,7 @@ class VisualGLMImageToTextPipeline(Pipeline):
         self._preprocess_params, self._forward_params, self._postprocess_params = \
             self._sanitize_parameters(**kwargs)
         self.engine = VisualGLMChat(network, processor, GenerationConfig(), use_past=use_past)
+        self._batcher = None    # the continuous-batching engine, started on first use
         self.call_count = 0
         self._batch_size = batch_size
 
@@ -127,8 +128,11 @@ class VisualGLMImageToTextPipeline(Pipeline):
         return samples
 
     def _forward(self, model_inputs, english=None, **generation):
-        """Generated ids of every sample (chunks of the model's batch size)."""
+        """Generated ids of every sample: through the continuous-batching engine (the model's batch_size
+        slots, each sample leaving as soon as it ends) with the KV cache, else in chunks of the batch size."""
         english = self.english if english is None else english
+        if self.engine.use_past:
+            return {"output_ids": self._batched(model_inputs, english, generation)}
         step = self.engine.batch_size
         ids = []
         for begin in range(0, len(model_inputs), step):
@@ -138,6 +142,18 @@ class VisualGLMImageToTextPipeline(Pipeline):
                 pass
             ids.extend(out)
         return {"output_ids": ids}
+
+    def _batched(self, samples, english, generation):
+        from visualglm.batching import BatchEngine, Request
+        if self._batcher is None:
+            self._batcher = BatchEngine(self.network, max_queue=1 << 30)   # a local caller: no refusals
+        config = self.engine.config_for(english, **generation)
+        requests = []
+        for image, query, history in samples:
+            inputs = self.processor(query, image=image, history=history, english=english)
+            requests.append(self._batcher.submit(Request(inputs["input_ids"], config, image_start=inputs["image_start"],
+                                                         pixel_values=inputs["pixel_values"])))
+        return [request.wait() for request in requests]
 
     def postprocess(self, model_outputs, english=None, **_):
         english = self.english if english is None else english
