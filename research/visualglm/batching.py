@@ -3,19 +3,21 @@
 The model is built with `text_config.batch_size` = the number of slots (`--max_batch`) and the KV cache. A
 loop thread alternates two things:
 
-* **admit**: a waiting request takes a free slot; its prompt is prefilled alone (batch 1, written into that
-  slot of the cache through `slot_index`) and its first token chosen;
+* **admit**: waiting requests take the free slots; their prompts are prefilled together (written into those
+  slots of the cache through `slot_index`) and their first tokens chosen;
 * **step**: one decode step for all slots at once (free slots run a dummy token that no one reads), then
   every active request chooses its next token with its own settings and random generator.
 
 A request that ends (end token, token budget, cancelled by its client) frees its slot at once; the next
 waiting one is admitted before the next step. Per slot the computation is the one `CachedDecoder` does for
-that request alone (same prefill width, cache length and masks; masked cache columns weigh exactly 0), so a
-greedy answer does not depend on what else is in the batch, and a seeded sampled one neither (each request
-draws from its own `numpy` generator seeded as `stream_tokens` seeds it).
+that request alone: every matrix product is row by row, masked cache columns and padding weigh exactly 0
+whatever the slot held before, so a greedy answer does not depend on what else is in the batch (the tests
+check it token for token), and a seeded sampled one neither (each request draws from its own `numpy`
+generator seeded as `stream_tokens` seeds it).
 
-Graph shapes: decode always runs [slots, 1]; prefill runs [1, w] for w a multiple of `bucket` (64) up to
-`seq_length`, with and without an image: at most 2 · seq_length / 64 prefill graphs, compiled on first use.
+Graph shapes: decode always runs [slots, 1]; prefill runs [k, w] for k a power of two up to the slots and w a
+multiple of `bucket` (64) up to `seq_length`, with and without an image: with 8 slots and seq_length 512 at
+most 4 · 8 · 2 = 64 prefill graphs, each compiled on first use.
 """
 import itertools
 import queue
@@ -42,6 +44,7 @@ class GenerationError(RuntimeError):
 
 
 END = None   # the last item of a request's events: no more tokens
+_UNKNOWN = object()   # BatchEngine.adapter after a failed switch: the next request switches again
 
 
 @dataclass
@@ -135,12 +138,14 @@ class BatchEngine:
     Args:
         model: the model (its text_config.batch_size is the number of slots).
         max_queue: requests that may wait for a slot; more are refused (QueueFull).
-        adapters: optional {name: callable()} switching the model to a LoRA adapter (None: the base model);
-            requests of different adapters never share a batch.
+        adapters: optional {name: callable()} switching the model to a LoRA adapter (None: the base model;
+            `lora_adapters` builds them); requests of different adapters never share a batch: one of another
+            adapter waits until the running batch drains, and once it has waited `adapter_wait` seconds no
+            newer request joins the batch (so a steady flow of one adapter's requests cannot starve another's).
         bucket: prefill widths are multiples of this.
     """
 
-    def __init__(self, model, max_queue=16, adapters=None, bucket=PROMPT_BUCKET):
+    def __init__(self, model, max_queue=16, adapters=None, bucket=PROMPT_BUCKET, adapter_wait=1.0):
         tc = model.config.text_config
         if not tc.use_past:
             raise UserError("continuous batching needs a model built with the KV cache (use_past)")
@@ -149,11 +154,12 @@ class BatchEngine:
         self.seq_length, self.eos_token_id, self.pad_token_id = tc.seq_length, tc.eos_token_id, tc.pad_token_id
         self.max_queue = max_queue
         self.adapters = dict(adapters or {})
-        self.adapter = None
+        self.adapter = _UNKNOWN if self.adapters else None   # the first request sets its adapter
+        self.adapter_wait = adapter_wait
         self.waiting = deque()
         self.lock = threading.Condition()
         self.stopping = False
-        self.counters = {"admitted": 0, "finished": 0, "refused": 0, "tokens": 0, "steps": 0}
+        self.counters = {"admitted": 0, "finished": 0, "refused": 0, "tokens": 0, "steps": 0, "switches": 0}
         self._images = {}    # a few encoded images by content: later turns about one image skip the ViT
         self._numbers = itertools.count(1)
         self.thread = threading.Thread(target=self._loop, name="visualglm-batching", daemon=True)
@@ -181,12 +187,17 @@ class BatchEngine:
         with self.lock:
             self._refuse_if_full()
 
+    def _count(self, name, number=1):
+        """Counters change under the lock: status() always reads a consistent set."""
+        with self.lock:
+            self.counters[name] += number
+
     def _refuse_if_full(self):
         if self.stopping:
-            self.counters["refused"] += 1
+            self._count("refused")
             raise QueueFull("the server is shutting down")
         if len(self.waiting) >= self.max_queue:
-            self.counters["refused"] += 1
+            self._count("refused")
             raise QueueFull(f"the server is busy: all {len(self.slots)} slots are taken and {len(self.waiting)} "
                             "requests wait; retry later")
 
@@ -223,44 +234,61 @@ class BatchEngine:
                         self._finish(index, "error", err)
 
     def _next_request(self):
-        """The oldest waiting request this batch may take (same adapter), cancelled ones finished on the way."""
+        """The oldest waiting request this batch may take (same adapter), cancelled ones finished on the way.
+        None once a request of another adapter has waited adapter_wait seconds: the batch drains, then
+        switches."""
         with self.lock:
             busy = any(self.slots)
+            now = time.monotonic()
             for request in list(self.waiting):
                 if request.cancelled:
                     self.waiting.remove(request)
                     self._close(request, "cancelled")
                     continue
                 if busy and request.adapter != self.adapter:
+                    if now - request.submitted >= self.adapter_wait:
+                        return None    # no newer request overtakes it any more
                     continue     # another adapter's requests wait until this batch drains
                 self.waiting.remove(request)
                 return request
         return None
 
     def _admit(self):
+        """Fill the free slots from the waiting line, then prefill the newcomers together."""
+        group = []
         for index in range(len(self.slots)):
             if self.slots[index] is not None:
                 continue
             request = self._next_request()
             if request is None:
-                return
+                break
             try:
                 if request.adapter != self.adapter:
+                    self.adapter = _UNKNOWN   # a switch that fails half-way leaves no adapter known to be set
                     self.adapters.get(request.adapter, self.adapters.get(None, lambda: None))()
                     self.adapter = request.adapter
+                    self._count("switches")
                 if request.image_embeds is None and request.pixel_values is not None:
                     request.image_embeds = self._encode(request.pixel_values)
-                slot = _Slot(request, self.model, self.seq_length, self.eos_token_id)
+                self.slots[index] = _Slot(request, self.model, self.seq_length, self.eos_token_id)
                 request.started = time.monotonic()
-                self.slots[index] = slot
-                self.counters["admitted"] += 1
-                logits = self._prefill(index, slot)
-                self.counters["tokens"] += 1
-                if slot.choose(logits):
-                    self._finish(index, slot.request.finish_reason)
+                self._count("admitted")
+                group.append(index)
             except Exception as err:  # noqa: BLE001 - this request fails, the others go on
                 self.slots[index] = None
                 self._close(request, "error", err)
+        if not group:
+            return
+        try:
+            logits = self._prefill(group)
+        except Exception as err:  # noqa: BLE001 - the newcomers fail, the running requests go on
+            for index in group:
+                self._finish(index, "error", err)
+            return
+        for row, index in enumerate(group):
+            self._count("tokens")
+            if self.slots[index].choose(logits[row]):
+                self._finish(index, self.slots[index].request.finish_reason)
 
     def _encode(self, pixel_values):
         import hashlib
@@ -273,22 +301,33 @@ class BatchEngine:
             self._images[key] = self.model.encode_image(Tensor(pixel_values)).asnumpy()
         return self._images[key]
 
-    def _prefill(self, index, slot):
+    def _prefill(self, group):
+        """Prefill the prompts of the slots in `group` at once ([k, width] written into those slots); returns
+        their first-token logits [len(group), V]. k is rounded up to a power of two (repeating the last
+        slot: the same values written twice) and width to the bucket, to bound the compiled shapes."""
         from mindspore import Tensor
-        request = slot.request
-        width = _bucket(slot.length, self.bucket, self.seq_length)
-        ids = np.full((1, width), self.pad_token_id, np.int32)
-        ids[0, :slot.length] = request.prompt
-        mask = np.zeros((1, width, self.seq_length), bool)
-        mask[0] = slot.mask[:width]
+        from visualglm.chat import NO_IMAGE_START
+        rows = group + [group[-1]] * ((1 << (len(group) - 1).bit_length()) - len(group))
+        slots = [self.slots[index] for index in rows]
+        width = _bucket(max(slot.length for slot in slots), self.bucket, self.seq_length)
+        ids = np.full((len(rows), width), self.pad_token_id, np.int32)
+        mask = np.zeros((len(rows), width, self.seq_length), bool)
+        for row, slot in enumerate(slots):
+            ids[row, :slot.length] = slot.request.prompt
+            mask[row] = slot.mask[:width]
+        positions = np.stack([slot.positions[:, :width] for slot in slots])
         embeds = starts = None
-        if request.image_embeds is not None:
-            embeds = Tensor(np.asarray(request.image_embeds, np.float32))
-            starts = Tensor(np.array([request.image_start], np.int32))
-        logits = self.model(Tensor(ids), Tensor(slot.positions[None, :, :width].copy()), Tensor(mask), None, embeds,
-                            starts, Tensor(np.zeros(1, np.int32)), Tensor(np.array([slot.length - 1], np.int32)),
-                            Tensor(np.array([index], np.int32)))
-        return logits.asnumpy()[0]
+        if any(slot.request.image_embeds is not None for slot in slots):
+            shape = next(s.request.image_embeds.shape for s in slots if s.request.image_embeds is not None)
+            embeds = Tensor(np.concatenate([np.zeros(shape, np.float32) if s.request.image_embeds is None else
+                                            np.asarray(s.request.image_embeds, np.float32) for s in slots]))
+            starts = Tensor(np.array([NO_IMAGE_START if s.request.image_embeds is None else s.request.image_start
+                                      for s in slots], np.int32))
+        logits = self.model(Tensor(ids), Tensor(positions), Tensor(mask), None, embeds, starts,
+                            Tensor(np.zeros(len(rows), np.int32)),
+                            Tensor(np.array([slot.length - 1 for slot in slots], np.int32)),
+                            Tensor(np.array(rows, np.int32)))
+        return logits.asnumpy()[:len(group)]
 
     def _step(self):
         from mindspore import Tensor
@@ -307,7 +346,7 @@ class BatchEngine:
             cache_index[index] = slot.current
         logits = self.model(Tensor(ids), Tensor(positions), Tensor(mask), None, None, None, Tensor(cache_index),
                             Tensor(np.zeros(count, np.int32))).asnumpy()
-        self.counters["steps"] += 1
+        self._count("steps")
         for index, slot in enumerate(self.slots):
             if slot is None:
                 continue
@@ -315,7 +354,7 @@ class BatchEngine:
             if slot.request.cancelled:
                 self._finish(index, "cancelled")
                 continue
-            self.counters["tokens"] += 1
+            self._count("tokens")
             if slot.choose(logits[index]):
                 self._finish(index, slot.request.finish_reason)
 
@@ -329,9 +368,62 @@ class BatchEngine:
         if error is not None:
             request.finish_reason, request.error = "error", error.with_traceback(None)
         request.finished = time.monotonic()
-        self.counters["finished"] += 1
+        self._count("finished")
         request.events.put(END)
         request.done.set()
 
 
-__all__ = ["BatchEngine", "GenerationError", "Request", "QueueFull", "SequenceTooLongError"]
+def lora_adapters(model, settings, paths):
+    """BatchEngine's `adapters` for LoRA: applies LoRA (settings: `finetune.lora_settings` of the yaml, the same
+    for every adapter) to a model not yet run, reads every adapter file {name: path} into memory (checked against
+    the model: a bad file is a one-line UserError naming the adapter, before anything is served) and returns
+    {None: base model, name: that adapter} switch functions, the model left on the base.
+
+    An adapter is switched in by setting the LoRA matrices' data; the base model is LoRA matrices of zeros, whose
+    term x·Aᵀ·Bᵀ·scale is exactly 0.0. The wrapped Linears' own products run in the CPU kernel the model uses
+    without LoRA (mindpet's LoRADense would use MindSpore's MatMul, which rounds differently): base logits are
+    bit-identical to the model's without LoRA (tests/test_api_serving.py checks it on the float32 demo model);
+    adapter logits equal run_visualglm_with_lora.py's (which keeps MatMul) up to that rounding."""
+    import mindspore as ms
+    from visualglm import lora
+    from visualglm.modeling import read_checkpoint
+
+    lora.apply_lora(model, **settings)
+    _use_linear_kernel(model)
+    model.set_train(False)
+    params = lora.lora_parameters(model)
+    arrays = {}
+    for name, path in paths.items():
+        try:
+            found = lora.check_lora_checkpoint(model, read_checkpoint(path))
+        except UserError as err:
+            raise UserError(f"--lora {name}={path}: {err}") from None
+        arrays[name] = {p.name: found[p.name].asnumpy().astype(ms.dtype_to_nptype(p.dtype)) for p in params}
+    zeros = {p.name: np.zeros(tuple(p.shape), ms.dtype_to_nptype(p.dtype)) for p in params}
+
+    def switch(values):
+        def apply():
+            for param in params:
+                param.set_data(ms.Tensor(values[param.name]))
+        return apply
+
+    adapters = {None: switch(zeros)}
+    adapters.update((name, switch(values)) for name, values in arrays.items())
+    adapters[None]()
+    return adapters
+
+
+def _use_linear_kernel(model):
+    """Point every LoRADense's base product at the Linear's CPU kernel (inference on the CPU in float32 only)."""
+    import mindspore as ms
+    from mindpet.delta import LoRADense
+    from visualglm.layers import cpu_kernel
+    kernel = cpu_kernel(True)
+    if kernel is None:
+        return
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, LoRADense) and cell.dtype == ms.float32:
+            cell.matmul = kernel
+
+
+__all__ = ["BatchEngine", "GenerationError", "Request", "QueueFull", "SequenceTooLongError", "lora_adapters"]
