@@ -195,6 +195,9 @@ def check_checkpoint_file(path, what="the checkpoint"):
         kind = file_kind(path)
     except CheckpointFileError as err:
         raise CheckpointFileError(f"{what}: {err}") from None
+    if not str(path).endswith((".ckpt", ".safetensors")):   # MindSpore reads no other name
+        raise CheckpointFileError(f"{what} {path} is not a MindSpore checkpoint: expected a .ckpt or .safetensors "
+                                  "file (convert PyTorch weights with convert_weight.py)")
     if kind == "a Python pickle" and str(path).endswith(".safetensors"):
         kind = None   # a safetensors header length of 0x?280..0x?580 starts with the same two bytes
     if kind:   # MindSpore's own error for these says only "may be corrupted"
