@@ -242,16 +242,24 @@ class BatchEngine:
             now = time.monotonic()
             for request in list(self.waiting):
                 if request.cancelled:
-                    self.waiting.remove(request)
+                    self._unqueue(request)
                     self._close(request, "cancelled")
                     continue
                 if busy and request.adapter != self.adapter:
                     if now - request.submitted >= self.adapter_wait:
                         return None    # no newer request overtakes it any more
                     continue     # another adapter's requests wait until this batch drains
-                self.waiting.remove(request)
+                self._unqueue(request)
                 return request
         return None
+
+    def _unqueue(self, request):
+        """Remove a request from the waiting line by identity (deque.remove compares with ==, which for two
+        Requests compares their fields, numpy arrays included: an error once one is skipped for its adapter)."""
+        for position, waiting in enumerate(self.waiting):
+            if waiting is request:
+                del self.waiting[position]
+                return
 
     def _admit(self):
         """Fill the free slots from the waiting line, then prefill the newcomers together."""

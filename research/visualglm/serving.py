@@ -120,12 +120,40 @@ def build_engine(args):
 
 
 def build_batching(args):
-    """(VisualGLMChat, BatchEngine) of a server: the model built with --max_batch KV-cache slots."""
-    from visualglm.batching import BatchEngine
+    """(VisualGLMChat, BatchEngine) of a server: the model built with --max_batch KV-cache slots. With
+    args.lora ([(name, path)], api.py's --lora) the LoRA settings of the yaml's pet_config are applied and every
+    adapter file is read and checked before serving (any problem: one-line UserError); requests pick one by
+    name (batching.lora_adapters)."""
+    from visualglm.batching import BatchEngine, lora_adapters
     args = argparse.Namespace(**vars(args))
     args.batch_size, args.use_past = args.max_batch, True
+    loras = dict(getattr(args, "lora", None) or ())
+    settings = None
+    if loras:   # everything that can be checked without the model, before it is built
+        from visualglm.finetune import lora_settings
+        from visualglm.modeling import check_checkpoint_file
+        config_path = app.resolve_path(args.config, app.PACKAGE_DIR, app.REPO_ROOT)
+        if config_path is None or not os.path.isfile(config_path):
+            raise UserError(f"config file not found: {args.config}")
+        try:
+            settings = lora_settings(app.read_yaml(config_path))
+        except UserError as err:
+            raise UserError(f"--lora needs the LoRA settings the adapters were trained with, in the config's "
+                            f"model.model_config.pet_config ({config_path}): {err}") from None
+        if settings is None:
+            raise UserError(f"--lora needs pet_type: lora in the pet_config of {config_path} (it says full)")
+        for name, path in loras.items():
+            resolved = app.resolve_path(path, app.REPO_ROOT)
+            if resolved is None or not os.path.isfile(resolved):
+                raise UserError(f"--lora {name}={path}: LoRA checkpoint not found")
+            try:
+                check_checkpoint_file(resolved, "the file")
+            except UserError as err:
+                raise UserError(f"--lora {name}={path}: {err}") from None
+            loras[name] = resolved
     engine = build_engine(args)
-    return engine, BatchEngine(engine.model, max_queue=args.max_queue)
+    adapters = lora_adapters(engine.model, settings, loras) if loras else None
+    return engine, BatchEngine(engine.model, max_queue=args.max_queue, adapters=adapters)
 
 
 # ----------------------------------------------------------------------------------------------- generation
