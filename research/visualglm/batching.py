@@ -389,15 +389,15 @@ def lora_adapters(model, settings, paths):
 
     An adapter is switched in by setting the LoRA matrices' data; the base model is LoRA matrices of zeros, whose
     term x·Aᵀ·Bᵀ·scale is exactly 0.0. The wrapped Linears' own products run in the CPU kernel the model uses
-    without LoRA (mindpet's LoRADense would use MindSpore's MatMul, which rounds differently): base logits are
-    bit-identical to the model's without LoRA (tests/test_api_serving.py checks it on the float32 demo model);
-    adapter logits equal run_visualglm_with_lora.py's (which keeps MatMul) up to that rounding."""
+    without LoRA (`lora.use_cpu_kernel`; mindpet's LoRADense would use MindSpore's MatMul, which rounds
+    differently): base logits are bit-identical to the model's without LoRA (tests/test_api_serving.py checks it
+    on the float32 demo model), adapter logits to run_visualglm_with_lora.py's (which does the same)."""
     import mindspore as ms
     from visualglm import lora
     from visualglm.modeling import read_checkpoint
 
     lora.apply_lora(model, **settings)
-    _use_linear_kernel(model)
+    lora.use_cpu_kernel(model)
     model.set_train(False)
     params = lora.lora_parameters(model)
     arrays = {}
@@ -419,19 +419,6 @@ def lora_adapters(model, settings, paths):
     adapters.update((name, switch(values)) for name, values in arrays.items())
     adapters[None]()
     return adapters
-
-
-def _use_linear_kernel(model):
-    """Point every LoRADense's base product at the Linear's CPU kernel (inference on the CPU in float32 only)."""
-    import mindspore as ms
-    from mindpet.delta import LoRADense
-    from visualglm.layers import cpu_kernel
-    kernel = cpu_kernel(True)
-    if kernel is None:
-        return
-    for _, cell in model.cells_and_names():
-        if isinstance(cell, LoRADense) and cell.dtype == ms.float32:
-            cell.matmul = kernel
 
 
 __all__ = ["BatchEngine", "GenerationError", "Request", "QueueFull", "SequenceTooLongError", "lora_adapters"]

@@ -63,6 +63,20 @@ def apply_lora(model, lora_rank=10, lora_alpha=128.0, lora_dropout=0.0, layer_ra
     return wrapped
 
 
+def use_cpu_kernel(model):
+    """For inference on the CPU: point every float32 LoRADense's base product at the CPU kernel the model's
+    Linears use (mindpet's MatMul rounds differently), so that a LoRA of zeros leaves the model's logits
+    bit-identical and every inference path with LoRA computes the same bits. Not for training."""
+    from mindpet.delta import LoRADense
+    from visualglm.layers import cpu_kernel
+    kernel = cpu_kernel(True)
+    if kernel is None:
+        return
+    for _, cell in model.cells_and_names():
+        if isinstance(cell, LoRADense) and cell.dtype == ms.float32:
+            cell.matmul = kernel
+
+
 def freeze_all_but_lora(model):
     for param in model.get_parameters():
         param.requires_grad = LORA_MARK in param.name

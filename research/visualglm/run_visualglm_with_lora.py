@@ -91,7 +91,7 @@ def check_merge_output(output, inputs):
 def main(argv=None):
     args = parse_args(argv)
     from visualglm.finetune import lora_settings   # after the arguments: --help answers at once
-    from visualglm.lora import apply_lora, load_lora, save_merged_checkpoint
+    from visualglm.lora import apply_lora, load_lora, save_merged_checkpoint, use_cpu_kernel
     from visualglm.modeling import check_checkpoint_file
     lora_path = app.resolve_path(args.lora_checkpoint, app.REPO_ROOT)
     if lora_path is None or not os.path.isfile(lora_path):   # before the model is built
@@ -103,6 +103,7 @@ def main(argv=None):
         check_merge_output(merge_output, input_files(args, lora_path))
     samples, components = app.prepare(args)
     apply_lora(components.model, **lora_settings(components.settings.yaml))
+    use_cpu_kernel(components.model)      # the same products as the server's adapters (api.py --lora)
     load_lora(components.model, lora_path)
     components.model.set_train(False)
     print(f"------------------- lora checkpoint: {lora_path}", file=sys.stderr, flush=True)
