@@ -1,16 +1,21 @@
-"""Bounded load test of research/visualglm/api.py on loopback.
+"""Bounded load test of research/visualglm/api.py (continuous batching) on loopback.
 
-    python benchmarks/bench_api.py --tiny                          # random tiny model (as the tests build it)
-    python benchmarks/bench_api.py --config research/visualglm/run_visualglm_demo.yaml --clients 8 --seconds 30
+    python benchmarks/bench_api.py                                 # the shipped demo model; 1, 2, 4, 8, 16 clients
+    python benchmarks/bench_api.py --tiny --clients 16 --seconds 60
+    python benchmarks/bench_api.py --config research/visualglm/run_visualglm_6b_cpu.yaml --clients 1,8 \
+        --seconds 120 --max_tokens 8
 
-Starts the server as a subprocess on a free 127.0.0.1 port, takes a reference answer (greedy, one request),
-then runs `--clients` threads for `--seconds`, each sending greedy requests in a loop, alternating the
-OpenAI route (non-streaming and streaming, data-URL image) and upstream's POST /. Every answer must equal
-the reference; 503 (full queue) counts as a refusal, after which that client waits `--backoff` seconds.
-Prints requests/s (answered), p50/p95/max latency of answered requests, refusals, other failures, the
-server's RSS before and after (and sampled every 2 s during) the run, its growth over the run's second
-half, and the server's /health afterwards. Exit code 1 when any request failed otherwise, the server is
-unhealthy, or RSS grew more than `--max_rss_growth_mb`.
+Starts the server as a subprocess on a free 127.0.0.1 port (`--max_batch` slots, `--max_queue` waiting), takes
+a reference answer for each of six questions (greedy, one at a time), then for each count of `--clients` runs
+that many threads for `--seconds`, each sending greedy requests in a loop over the questions and the routes
+(OpenAI non-streaming and streaming with data-URL images, upstream's POST /). Every answer must equal its
+question's reference (a mixed-up answer is a failure); 503 (full queue) counts as a
+refusal, after which that client waits `--backoff` seconds. Prints one row per client count: requests/s and
+answer tokens/s (answered requests), p50/p95 latency, refusals, failures; then the server's RSS before and after
+(sampled every 2 s), its growth over the last round's second half, the server's /health, and the issue's
+target (8 clients >= 4x the requests/s of 1, p95 at 8 <= 2x the p50 at 1) when both counts were run.
+Exit code 1 when any request failed otherwise, the server is unhealthy, or RSS grew more than
+`--max_rss_growth_mb` over the last round.
 """
 import argparse
 import base64
@@ -28,8 +33,10 @@ import urllib.error
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGE = os.path.join(REPO, "examples", "red_circle.png")
-QUERY = "描述这张图片。"
+# distinct questions, each checked against its own reference answer: a mixed-up answer is a failure
+QUESTIONS = [("red_circle.png", "描述这张图片。"), ("demo_blue_square.png", "描述这张图片。"),
+             ("demo_triangles.png", "图中有几个三角形？"), ("demo_star.png", "这是什么形状？"),
+             ("shapes.png", "Describe the image."), ("sunset.jpg", "图中有什么颜色？")]
 
 
 def build_tiny(folder):
@@ -102,17 +109,67 @@ def percentile(values, q):
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
+def run_round(count, args, kinds, references, errors, samples, pid):
+    """`count` clients for args.seconds: {clients, rate (answered/s), p50, p95 (s), refused, failed}."""
+    lock = threading.Lock()
+    latencies, refusals, failures = [], [0], [0]
+    stop_at = time.perf_counter() + args.seconds
+
+    def client(number):
+        turn = number
+        while time.perf_counter() < stop_at:
+            kind, url, body, number = kinds[turn % len(kinds)]
+            turn += 7     # clients walk the questions and routes in different orders
+            try:
+                status, payload, seconds = request(url, body)
+                if status == 503:
+                    with lock:
+                        refusals[0] += 1
+                    time.sleep(args.backoff)
+                    continue
+                ok = status == 200 and answer_of(kind, payload) == references[number]
+            except Exception as err:  # noqa: BLE001 - counted and shown
+                status, ok, seconds, payload = "exception", False, 0.0, repr(err).encode()
+            with lock:
+                if ok:
+                    latencies.append(seconds)
+                else:
+                    failures[0] += 1
+                    errors.append((count, kind, status, payload[:200]))
+
+    def sampler():
+        while time.perf_counter() < stop_at:
+            samples.append(rss_mb(pid))
+            time.sleep(2)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(count)]
+    threads.append(threading.Thread(target=sampler))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - start
+    return {"clients": count, "rate": len(latencies) / elapsed, "p50": percentile(latencies, 50),
+            "p95": percentile(latencies, 95), "refused": refusals[0], "failed": failures[0]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--config", default=None, help="model yaml (default: the shipped demo model's)")
     parser.add_argument("--tiny", action="store_true", help="build and serve a random tiny model instead")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--clients", default="1,2,4,8,16", help="comma-separated client counts, one round each")
+    parser.add_argument("--seconds", type=float, default=30, help="length of each round")
     parser.add_argument("--max_tokens", type=int, default=16, help="answer tokens per request")
-    parser.add_argument("--max_queue", type=int, default=4, help="the server's --max_queue")
+    parser.add_argument("--max_batch", type=int, default=8, help="the server's --max_batch")
+    parser.add_argument("--max_queue", type=int, default=16, help="the server's --max_queue")
     parser.add_argument("--backoff", type=float, default=0.2, help="a refused client waits this long")
     parser.add_argument("--max_rss_growth_mb", type=float, default=10)
     args = parser.parse_args()
+    try:
+        counts = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        parser.error(f"--clients must be comma-separated integers, got {args.clients!r}")
 
     folder = tempfile.mkdtemp(prefix="bench_api_")
     env = dict(os.environ, LOCAL_DEFAULT_PATH=os.path.join(folder, "mf_output"))
@@ -126,7 +183,8 @@ def main():
     base = f"http://127.0.0.1:{port}"
     log = open(os.path.join(folder, "server.log"), "w")
     server = subprocess.Popen([sys.executable, os.path.join(REPO, "research", "visualglm", "api.py"), "--config",
-                               config, "--port", str(port), "--max_queue", str(args.max_queue)],
+                               config, "--port", str(port), "--max_queue", str(args.max_queue),
+                               "--max_batch", str(args.max_batch)],
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     failed = False
     try:
@@ -139,77 +197,58 @@ def main():
             except OSError:
                 pass
             time.sleep(0.5)
-        image = base64.b64encode(open(IMAGE, "rb").read()).decode()
-        upstream = {"image": image, "text": QUERY, "history": [], "temperature": 0, "max_new_tokens": args.max_tokens}
-        openai = {"model": "visualglm-6b", "temperature": 0, "max_tokens": args.max_tokens,
-                  "messages": [{"role": "user", "content": [
-                      {"type": "text", "text": QUERY},
-                      {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}}]}]}
-        kinds = [("upstream", base + "/", upstream), ("openai", base + "/v1/chat/completions", openai),
-                 ("stream", base + "/v1/chat/completions", {**openai, "stream": True})]
-        status, payload, _ = request(base + "/", upstream)            # reference answer; also the warm-up
-        assert status == 200, payload
-        reference = answer_of("upstream", payload)
-        for kind, url, body in kinds:                                  # every route once more, warm
+        kinds, references, tokens = [], [], []
+        for number, (name, query) in enumerate(QUESTIONS):
+            image = base64.b64encode(open(os.path.join(REPO, "examples", name), "rb").read()).decode()
+            upstream = {"image": image, "text": query, "history": [], "temperature": 0,
+                        "max_new_tokens": args.max_tokens}
+            openai = {"model": "visualglm-6b", "temperature": 0, "max_tokens": args.max_tokens,
+                      "messages": [{"role": "user", "content": [
+                          {"type": "text", "text": query},
+                          {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}}]}]}
+            status, payload, _ = request(base + "/v1/chat/completions", openai)   # the reference, one at a time
+            assert status == 200, payload
+            references.append(answer_of("openai", payload))
+            tokens.append(json.loads(payload)["usage"]["completion_tokens"])
+            kinds += [("upstream", base + "/", upstream, number),
+                      ("openai", base + "/v1/chat/completions", openai, number),
+                      ("stream", base + "/v1/chat/completions", {**openai, "stream": True}, number)]
+        for kind, url, body, number in kinds:                          # every route once more, warm
             status, payload, _ = request(url, body)
-            assert status == 200 and answer_of(kind, payload) == reference, (kind, payload[:300])
+            assert status == 200 and answer_of(kind, payload) == references[number], (kind, payload[:300])
+        answer_tokens = sum(tokens) / len(tokens)
         rss_before = rss_mb(server.pid)
-
-        lock = threading.Lock()
-        latencies, refusals, errors, samples = [], [0], [], []
-        stop_at = time.perf_counter() + args.seconds
-
-        def client(number):
-            turn = number
-            while time.perf_counter() < stop_at:
-                kind, url, body = kinds[turn % len(kinds)]
-                turn += 1
-                try:
-                    status, payload, seconds = request(url, body)
-                    if status == 503:
-                        with lock:
-                            refusals[0] += 1
-                        time.sleep(args.backoff)
-                        continue
-                    ok = status == 200 and answer_of(kind, payload) == reference
-                except Exception as err:  # noqa: BLE001 - counted and shown
-                    status, ok, seconds, payload = "exception", False, 0.0, repr(err).encode()
-                with lock:
-                    if ok:
-                        latencies.append(seconds)
-                    else:
-                        errors.append((kind, status, payload[:200]))
-
-        def sampler():
-            while time.perf_counter() < stop_at:
-                samples.append(rss_mb(server.pid))
-                time.sleep(2)
-
-        start = time.perf_counter()
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
-        threads.append(threading.Thread(target=sampler))
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        elapsed = time.perf_counter() - start
+        rows, errors, samples = [], [], []
+        for count in counts:
+            samples = []
+            rows.append(run_round(count, args, kinds, references, errors, samples, server.pid))
         rss_after = rss_mb(server.pid)
         status, payload, _ = request(base + "/health")
         health = json.loads(payload) if status == 200 else {"status": status}
+        print(f"{len(QUESTIONS)} questions, max_tokens {args.max_tokens} ({answer_tokens:.1f} answer tokens on "
+              f"average), server --max_batch "
+              f"{args.max_batch} --max_queue {args.max_queue}, {args.seconds:g} s per round, load average "
+              f"{os.getloadavg()[0]:.2f}")
+        print(f"{'clients':>7} {'requests/s':>10} {'tokens/s':>9} {'p50 ms':>7} {'p95 ms':>7} {'refused':>7} "
+              f"{'failed':>6}")
+        for row in rows:
+            print(f"{row['clients']:>7} {row['rate']:>10.2f} {row['rate'] * answer_tokens:>9.1f} "
+                  f"{row['p50'] * 1000:>7.0f} {row['p95'] * 1000:>7.0f} {row['refused']:>7} {row['failed']:>6}")
+        by_count = {row["clients"]: row for row in rows}
+        if 1 in by_count and 8 in by_count:
+            speedup = by_count[8]["rate"] / by_count[1]["rate"]
+            ratio = by_count[8]["p95"] / by_count[1]["p50"]
+            print(f"target: 8 clients {speedup:.2f}x the requests/s of 1 (>= 4: {'PASS' if speedup >= 4 else 'FAIL'}), "
+                  f"p95 at 8 = {ratio:.2f}x the p50 at 1 (<= 2: {'PASS' if ratio <= 2 else 'FAIL'})")
         growth = rss_after - rss_before
-        print(f"clients {args.clients}, {elapsed:.1f} s, max_tokens {args.max_tokens}, server queue {args.max_queue}, "
-              f"load average {os.getloadavg()[0]:.2f}")
-        print(f"answered {len(latencies)} ({len(latencies) / elapsed:.2f} requests/s), refused (503) {refusals[0]}, "
-              f"failed {len(errors)}")
-        print(f"latency of answered requests: p50 {percentile(latencies, 50) * 1000:.0f} ms, "
-              f"p95 {percentile(latencies, 95) * 1000:.0f} ms, max {max(latencies or [0]) * 1000:.0f} ms")
         second_half = rss_after - samples[len(samples) // 2] if samples else float("nan")
         print(f"server RSS: before {rss_before:.1f} MiB, after {rss_after:.1f} MiB ({growth:+.1f} MiB; "
-              f"{second_half:+.1f} MiB over the second half); sampled " + ", ".join(f"{s:.0f}" for s in samples))
+              f"{second_half:+.1f} MiB over the last round's second half); sampled " +
+              ", ".join(f"{s:.0f}" for s in samples))
         print(f"health after the run: {json.dumps(health)}")
         for error in errors[:5]:
             print("failure:", error)
-        failed = bool(errors) or health.get("status") != "ok" or growth > args.max_rss_growth_mb
+        failed = bool(errors) or health.get("status") != "ok" or second_half > args.max_rss_growth_mb
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGTERM)

@@ -16,8 +16,9 @@ check it token for token), and a seeded sampled one neither (each request draws 
 generator seeded as `stream_tokens` seeds it).
 
 Graph shapes: decode always runs [slots, 1]; prefill runs [k, w] for k a power of two up to the slots and w a
-multiple of `bucket` (64) up to `seq_length`, with and without an image: with 8 slots and seq_length 512 at
-most 4 · 8 · 2 = 64 prefill graphs, each compiled on first use.
+multiple of `bucket` (64) up to `seq_length`, always with image embeddings (zeros for text-only rows): with 8
+slots and seq_length 512 at most 4 · 8 = 32 prefill graphs, compiled on first use; `warmup()` compiles the
+common ones up front.
 """
 import itertools
 import queue
@@ -161,6 +162,7 @@ class BatchEngine:
         self.stopping = False
         self.counters = {"admitted": 0, "finished": 0, "refused": 0, "tokens": 0, "steps": 0, "switches": 0}
         self._images = {}    # a few encoded images by content: later turns about one image skip the ViT
+        self._no_image = np.zeros((1, model.config.image_length, tc.hidden_size), np.float32)
         self._numbers = itertools.count(1)
         self.thread = threading.Thread(target=self._loop, name="visualglm-batching", daemon=True)
         self.thread.start()
@@ -215,6 +217,29 @@ class BatchEngine:
                     request.cancel()
             self.lock.notify()
         self.thread.join(timeout)
+
+    def warmup(self, widths=None):
+        """Compile the decode step and the prefill of every group size (1, 2, 4, … slots) at `widths` (default:
+        the first bucket, where prompts with an image and a short question fall) before serving, so that no
+        request waits for a compile. Writes only into free slots; call it before submitting requests."""
+        from mindspore import Tensor
+        from visualglm.chat import NO_IMAGE_START
+        count, started = len(self.slots), time.perf_counter()
+        with self.lock:
+            if any(self.slots) or self.waiting:
+                raise RuntimeError("warmup() runs before any request")
+            sizes = [1 << i for i in range((count - 1).bit_length() + 1)]   # the group sizes _prefill uses
+            for width in widths or (min(self.bucket, self.seq_length),):
+                for k in sizes:
+                    self.model(Tensor(np.zeros((k, width), np.int32)), Tensor(np.zeros((k, 2, width), np.int32)),
+                               Tensor(np.ones((k, width, self.seq_length), bool)), None,
+                               Tensor(np.concatenate([self._no_image] * k)),
+                               Tensor(np.full(k, NO_IMAGE_START, np.int32)), Tensor(np.zeros(k, np.int32)),
+                               Tensor(np.zeros(k, np.int32)), Tensor(np.arange(k, dtype=np.int32))).asnumpy()
+            self.model(Tensor(np.zeros((count, 1), np.int32)), Tensor(np.zeros((count, 2, 1), np.int32)),
+                       Tensor(np.ones((count, 1, self.seq_length), bool)), None, None, None,
+                       Tensor(np.zeros(count, np.int32)), Tensor(np.zeros(count, np.int32))).asnumpy()
+        return time.perf_counter() - started
 
     # ----- the loop -----
     def _loop(self):
@@ -324,13 +349,12 @@ class BatchEngine:
             ids[row, :slot.length] = slot.request.prompt
             mask[row] = slot.mask[:width]
         positions = np.stack([slot.positions[:, :width] for slot in slots])
-        embeds = starts = None
-        if any(slot.request.image_embeds is not None for slot in slots):
-            shape = next(s.request.image_embeds.shape for s in slots if s.request.image_embeds is not None)
-            embeds = Tensor(np.concatenate([np.zeros(shape, np.float32) if s.request.image_embeds is None else
-                                            np.asarray(s.request.image_embeds, np.float32) for s in slots]))
-            starts = Tensor(np.array([NO_IMAGE_START if s.request.image_embeds is None else s.request.image_start
-                                      for s in slots], np.int32))
+        # Always with image embeddings (zeros placed nowhere for text-only rows, which keep their word
+        # embeddings exactly): one graph per shape instead of two.
+        embeds = Tensor(np.concatenate([self._no_image if s.request.image_embeds is None else
+                                        np.asarray(s.request.image_embeds, np.float32) for s in slots]))
+        starts = Tensor(np.array([NO_IMAGE_START if s.request.image_embeds is None else s.request.image_start
+                                  for s in slots], np.int32))
         logits = self.model(Tensor(ids), Tensor(positions), Tensor(mask), None, embeds, starts,
                             Tensor(np.zeros(len(rows), np.int32)),
                             Tensor(np.array([slot.length - 1 for slot in slots], np.int32)),

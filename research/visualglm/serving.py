@@ -16,6 +16,7 @@ import math
 import os
 import queue
 import re
+import sys
 import socket
 import threading
 import time
@@ -153,7 +154,11 @@ def build_batching(args):
             loras[name] = resolved
     engine = build_engine(args)
     adapters = lora_adapters(engine.model, settings, loras) if loras else None
-    return engine, BatchEngine(engine.model, max_queue=args.max_queue, adapters=adapters)
+    batcher = BatchEngine(engine.model, max_queue=args.max_queue, adapters=adapters)
+    seconds = batcher.warmup()   # no request waits for a compile of the common shapes
+    print(f"compiled the decode step and the prefill of 1..{args.max_batch} prompts in {seconds:.1f} s",
+          file=sys.stderr, flush=True)
+    return engine, batcher
 
 
 # ----------------------------------------------------------------------------------------------- generation
