@@ -380,35 +380,6 @@ def test_remote_image_allow_list(servers, tmp_path):
         httpd.shutdown()
 
 
-def test_worker_refuses_when_its_queue_is_full_before_and_at_submit():
-    """One job runs and max_queue wait; check_room (what the API calls before reading a body) and submit
-    then refuse, counted once each; jobs run in order and the queue drains."""
-    import threading
-    from visualglm import serving
-    release = threading.Event()
-    worker = serving.Worker(max_queue=1)
-    running = worker.submit(lambda job: release.wait(10) and "first")
-    for _ in range(100):   # until the worker has taken the first job
-        if worker.status()["running"]:
-            break
-        time.sleep(0.01)
-    worker.check_room()                       # room for one waiting job
-    waiting = worker.submit(lambda job: "second")
-    with pytest.raises(serving.QueueFull):
-        worker.check_room()
-    with pytest.raises(serving.QueueFull):
-        worker.submit(lambda job: "third")
-    assert worker.status()["refused"] == 2 and worker.status()["waiting"] == 1
-    release.set()
-    assert running.future.result(10) == "first" and waiting.future.result(10) == "second"
-    for _ in range(100):   # the worker counts a job after handing over its result
-        if worker.status()["served"] == 2:
-            break
-        time.sleep(0.01)
-    assert worker.status() == dict(waiting=0, running=False, max_queue=1, served=2, refused=2)
-    worker.check_room()
-
-
 class _ScriptedModel:
     """Just what the batching engine uses of VisualGLMModel: the next token is the last one + 1 (so answers
     count up), or an error at the first decode step; the serving code and the engine are tested alone."""

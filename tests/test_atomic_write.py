@@ -18,7 +18,7 @@ from mindspore import Parameter, Tensor
 
 from conftest import FIXTURE, SCRIPTS, load_chat_model, tokenizer_matched_config, write_tiny_yaml
 from visualglm.errors import UserError
-from visualglm.fileio import atomic_write, sigterm_as_interrupt, write_text_atomic
+from visualglm.fileio import atomic_write, write_text_atomic
 
 NO_SPACE = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 CKPT_DIR = FIXTURE / "checkpoint"   # the tiny upstream SAT checkpoint

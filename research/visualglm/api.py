@@ -67,7 +67,7 @@ def _error_body(status, message, kind):
 def _as_http(err):
     if isinstance(err, HTTPError):
         return err
-    if isinstance(err, (serving.QueueFull, QueueFull)):
+    if isinstance(err, QueueFull):
         return HTTPError(503, str(err), "server_busy")
     if isinstance(err, serving.TooLarge):
         return HTTPError(413, str(err), "request_too_large")

@@ -1,10 +1,7 @@
 """What the chat front ends share (cli_demo.py, web_demo.py, api.py): the default config, upstream's
-generation defaults and language detection, building the chat engine, streaming text deltas, image
-decoding with size limits, and a single worker thread behind a bounded queue.
-
-One model instance cannot run two generations at once (its KV cache is a parameter), so every front end
-sends its work to one `Worker`: requests run one at a time, in arrival order; when `max_queue` requests are
-already waiting, `submit` refuses at once (`QueueFull`) instead of letting the backlog grow.
+generation defaults and language detection, building the chat engine (and, for the servers, the
+continuous-batching engine of visualglm.batching), streaming text deltas, and image decoding and remote
+fetching with size limits.
 """
 import argparse
 import base64
@@ -14,14 +11,11 @@ import io
 import ipaddress
 import math
 import os
-import queue
 import re
-import sys
 import socket
+import sys
 import threading
 import time
-import traceback
-from concurrent.futures import Future
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from visualglm import app
@@ -49,10 +43,6 @@ def is_chinese(text):
 
 class TooLarge(UserError):
     """Input over a size limit (HTTP 413)."""
-
-
-class QueueFull(Exception):
-    """The worker's queue is full (HTTP 503)."""
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -557,87 +547,6 @@ def _shutdown(sock):
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:   # already closed by its peer
         pass
-
-
-# ----------------------------------------------------------------------------------------------- worker
-class Job:
-    """A unit of work for the worker: fn(job) runs on the worker thread; its result or exception ends
-    in .future. Streaming work puts items on .events (None ends the stream)."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.future = Future()
-        self.events = queue.Queue()
-        self._cancel = threading.Event()
-        # What the job's result keeps (TextStream.cancelled) must not point back at the job: a cycle
-        # job -> future -> result -> job would keep the request's image until a full garbage collection.
-        self.is_cancelled = self._cancel.is_set
-
-    def cancel(self):
-        self._cancel.set()
-
-
-class Worker:
-    """One thread runs jobs one at a time; at most max_queue jobs wait besides the running one."""
-
-    def __init__(self, max_queue=4):
-        if max_queue < 1:
-            raise UserError(f"the queue size must be >= 1, got {max_queue}")
-        self.max_queue = max_queue
-        self._jobs = queue.Queue()
-        self._lock = threading.Lock()
-        self.waiting = 0
-        self.running = False
-        self.served = 0
-        self.refused = 0
-        self._thread = threading.Thread(target=self._loop, name="visualglm-worker", daemon=True)
-        self._thread.start()
-
-    def check_room(self):
-        """Raise QueueFull when a job submitted now would be refused: lets a front end refuse before it reads
-        and decodes a request (submit checks again, under the lock)."""
-        with self._lock:
-            self._refuse_if_full()
-
-    def _refuse_if_full(self):
-        if self.waiting >= self.max_queue:
-            self.refused += 1
-            raise QueueFull(f"the server is busy ({self.waiting} requests waiting): retry later")
-
-    def submit(self, fn):
-        job = Job(fn)
-        with self._lock:
-            self._refuse_if_full()
-            self.waiting += 1
-        self._jobs.put(job)
-        return job
-
-    def _loop(self):
-        while True:
-            job = self._jobs.get()
-            with self._lock:
-                self.waiting -= 1
-                self.running = True
-            try:
-                if job.is_cancelled():
-                    raise RuntimeError("cancelled before it started")
-                job.future.set_result(job.fn(job))
-            except BaseException as err:  # noqa: BLE001 - handed to the request that owns the job
-                # The finished frames of the traceback hold the job: clear them, or the exception kept in
-                # job.future would close a reference cycle (the line numbers stay for the error message).
-                traceback.clear_frames(err.__traceback__)
-                job.future.set_exception(err)
-            finally:
-                job.events.put(None)
-                with self._lock:
-                    self.running = False
-                    self.served += 1
-            job = None   # free this request's image now, not when the next job arrives
-
-    def status(self):
-        with self._lock:
-            return dict(waiting=self.waiting, running=self.running, max_queue=self.max_queue,
-                        served=self.served, refused=self.refused)
 
 
 def rss_bytes():
