@@ -387,8 +387,8 @@ class _ScriptedModel:
     def __init__(self, fail):
         from types import SimpleNamespace
         self.fail = fail
-        self.config = SimpleNamespace(text_config=SimpleNamespace(
-            use_past=True, batch_size=2, seq_length=64, eos_token_id=63, pad_token_id=0))
+        self.config = SimpleNamespace(image_length=2, text_config=SimpleNamespace(
+            use_past=True, batch_size=2, seq_length=64, eos_token_id=63, pad_token_id=0, hidden_size=4))
 
     def glm_inputs(self, ids, length):
         import numpy as np

@@ -344,8 +344,8 @@ class _Model:
 
     def __init__(self, slots):
         from types import SimpleNamespace
-        self.config = SimpleNamespace(text_config=SimpleNamespace(
-            use_past=True, batch_size=slots, seq_length=64, eos_token_id=63, pad_token_id=0))
+        self.config = SimpleNamespace(image_length=2, text_config=SimpleNamespace(
+            use_past=True, batch_size=slots, seq_length=64, eos_token_id=63, pad_token_id=0, hidden_size=4))
 
     def glm_inputs(self, ids, length):
         return np.zeros((len(ids), 2, length), np.int32), np.tril(np.ones((len(ids), length, length), bool))
