@@ -127,3 +127,18 @@ def test_requests_that_cannot_run_are_refused_before_taking_a_slot(batched):
         assert full.status()["refused"] == 1
     finally:
         full.shutdown(timeout=10)
+
+
+def test_warmup_with_three_slots_then_answers_as_alone(alone):
+    """warmup() compiles prefill groups of 1, 2 and 4 rows (4 > 3 slots: the rows wrap onto the slots) and
+    the decode step; answers afterwards are still each request's own."""
+    parts = _components(3)
+    engine = BatchEngine(parts.model)
+    try:
+        assert engine.warmup() > 0
+        expected = [_alone(alone, image, query, max_new_tokens=NEW_TOKENS) for image, query in CASES[:4]]
+        requests = [engine.submit(_request(parts, image, query, max_new_tokens=NEW_TOKENS))
+                    for image, query in CASES[:4]]
+        assert [r.wait(300) for r in requests] == expected
+    finally:
+        engine.shutdown(cancel=True, timeout=30)

@@ -235,7 +235,8 @@ class BatchEngine:
                                Tensor(np.ones((k, width, self.seq_length), bool)), None,
                                Tensor(np.concatenate([self._no_image] * k)),
                                Tensor(np.full(k, NO_IMAGE_START, np.int32)), Tensor(np.zeros(k, np.int32)),
-                               Tensor(np.zeros(k, np.int32)), Tensor(np.arange(k, dtype=np.int32))).asnumpy()
+                               Tensor(np.zeros(k, np.int32)),
+                               Tensor(np.arange(k, dtype=np.int32) % count)).asnumpy()   # k may exceed the slots
             self.model(Tensor(np.zeros((count, 1), np.int32)), Tensor(np.zeros((count, 2, 1), np.int32)),
                        Tensor(np.ones((count, 1, self.seq_length), bool)), None, None, None,
                        Tensor(np.zeros(count, np.int32)), Tensor(np.zeros(count, np.int32))).asnumpy()
