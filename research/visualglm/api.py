@@ -49,7 +49,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from visualglm import serving
-from visualglm.batching import QueueFull
 from visualglm.cli import run_main
 from visualglm.errors import UserError
 
@@ -67,6 +66,7 @@ def _error_body(status, message, kind):
 def _as_http(err):
     if isinstance(err, HTTPError):
         return err
+    from visualglm.batching import QueueFull   # here: it imports MindSpore, which --help must not wait for
     if isinstance(err, QueueFull):
         return HTTPError(503, str(err), "server_busy")
     if isinstance(err, serving.TooLarge):
