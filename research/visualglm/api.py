@@ -283,7 +283,7 @@ class Service:
 
     def cut_short(self, stream):
         """Whether the shutdown cancelled this answer (its grace time was over)."""
-        return self.cut and stream.request.finish_reason == "cancelled"
+        return self.cut and (stream.request.cancelled or stream.request.finish_reason == "cancelled")
 
     def drain(self, grace):
         """SIGTERM: no new request; the running and waiting ones get `grace` seconds, then are cancelled."""
