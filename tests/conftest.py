@@ -8,6 +8,7 @@ os.environ.setdefault("LOCAL_DEFAULT_PATH", os.path.join(tempfile.gettempdir(), 
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import visualglm  # noqa: E402,F401  before MindSpore: it reads MS_OM_PATH (visualglm.logs) at import
 import mindspore as ms  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -3,7 +3,8 @@
 
 * MindSpore's C++ log shows errors only unless GLOG_v is set.
 * MindFormers' log folder goes to a cache folder (LOCAL_DEFAULT_PATH), not `./output/log` wherever a script runs;
-  so does MindSpore's report of a failed graph compile (MS_OM_PATH; it used to write `./rank_0/om/`).
+  so does MindSpore's report of a failed graph compile (MS_OM_PATH; it used to write `./rank_0/om/`; MindSpore
+  reads it when imported, so import visualglm first).
 * MindFormers' console log goes to stderr (it writes to stdout, where the answers go) and shows errors only;
   `--verbose` (or VISUALGLM_LOG_LEVEL=INFO) shows its warnings and info lines too.
 * `import visualglm` registers the MindFormers pipeline task: at once when MindFormers is already imported,
