@@ -30,6 +30,7 @@ from typing import Optional
 
 import numpy as np
 
+from visualglm.chat import encode_image_cached
 from visualglm.errors import UserError
 from visualglm.generation import (PROMPT_BUCKET, GenerationConfig, SequenceTooLongError, _bucket, choose_token,
                                   token_budget)
@@ -161,7 +162,7 @@ class BatchEngine:
         self.lock = threading.Condition()
         self.stopping = False
         self.counters = {"admitted": 0, "finished": 0, "refused": 0, "tokens": 0, "steps": 0, "switches": 0}
-        self._images = {}    # a few encoded images by content: later turns about one image skip the ViT
+        self._images = {}    # encode_image_cached's cache
         self._no_image = np.zeros((1, model.config.image_length, tc.hidden_size), np.float32)
         self._numbers = itertools.count(1)
         self.thread = threading.Thread(target=self._loop, name="visualglm-batching", daemon=True)
@@ -303,7 +304,7 @@ class BatchEngine:
                     self.adapter = request.adapter
                     self._count("switches")
                 if request.image_embeds is None and request.pixel_values is not None:
-                    request.image_embeds = self._encode(request.pixel_values)
+                    request.image_embeds = encode_image_cached(self.model, self._images, request.pixel_values)
                 self.slots[index] = _Slot(request, self.model, self.seq_length, self.eos_token_id)
                 request.started = time.monotonic()
                 self._count("admitted")
@@ -323,17 +324,6 @@ class BatchEngine:
             self._count("tokens")
             if self.slots[index].choose(logits[row]):
                 self._finish(index, self.slots[index].request.finish_reason)
-
-    def _encode(self, pixel_values):
-        import hashlib
-        from mindspore import Tensor
-        pixel_values = np.ascontiguousarray(pixel_values, np.float32)
-        key = hashlib.sha1(pixel_values.tobytes()).hexdigest()
-        if key not in self._images:
-            if len(self._images) >= 8:
-                self._images.pop(next(iter(self._images)))
-            self._images[key] = self.model.encode_image(Tensor(pixel_values)).asnumpy()
-        return self._images[key]
 
     def _prefill(self, group):
         """Prefill the prompts of the slots in `group` at once ([k, width] written into those slots); returns

@@ -18,6 +18,18 @@ _REAL_VOCAB_SIZE = 130528
 NO_IMAGE_START = 2 ** 30
 
 
+def encode_image_cached(model, cache, pixel_values, size=8):
+    """model.encode_image of [1, 3, S, S] pixels as numpy, kept in `cache` by content (the last `size` images):
+    later turns about one image skip the ViT."""
+    pixel_values = np.ascontiguousarray(pixel_values, np.float32)
+    key = hashlib.sha1(pixel_values.tobytes()).hexdigest()
+    if key not in cache:
+        if len(cache) >= size:
+            cache.pop(next(iter(cache)))
+        cache[key] = model.encode_image(Tensor(pixel_values)).asnumpy()
+    return cache[key]
+
+
 class VisualGLMChat:
     """`generate()` for batches of (image, query), `chat()`/`stream_chat()` for conversations.
 
@@ -45,13 +57,7 @@ class VisualGLMChat:
     # ----- images -----
     def encode_image(self, pixel_values):
         """[1, 3, S, S] pixels -> [1, N, H] embeddings, cached by content (the last few images)."""
-        pixel_values = np.ascontiguousarray(pixel_values, np.float32)
-        key = hashlib.sha1(pixel_values.tobytes()).hexdigest()
-        if key not in self._image_cache:
-            if len(self._image_cache) >= 8:
-                self._image_cache.pop(next(iter(self._image_cache)))
-            self._image_cache[key] = self.model.encode_image(Tensor(pixel_values)).asnumpy()
-        return self._image_cache[key]
+        return encode_image_cached(self.model, self._image_cache, pixel_values)
 
     # ----- generation -----
     def config_for(self, english=False, **overrides):
