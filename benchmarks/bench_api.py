@@ -11,7 +11,8 @@ that many threads for `--seconds`, each sending greedy requests in a loop over t
 (OpenAI non-streaming and streaming with data-URL images, upstream's POST /). Every answer must equal its
 question's reference (a mixed-up answer is a failure); 503 (full queue) counts as a
 refusal, after which that client waits `--backoff` seconds. Prints one row per client count: requests/s and
-answer tokens/s (answered requests), p50/p95 latency, refusals, failures; then the server's RSS before and after
+answer tokens/s (answered requests), p50/p95 latency, refusals, failures, the server's CPU time per answered
+request (user + system, all threads: what bounds throughput once the cores are busy); then the server's RSS before and after
 (sampled every 2 s), its growth over the last round's second half, the server's /health, and the issue's
 target (8 clients >= 4x the requests/s of 1, p95 at 8 <= 2x the p50 at 1) when both counts were run.
 Exit code 1 when any request failed otherwise, the server is unhealthy, or RSS grew more than
@@ -102,6 +103,16 @@ def rss_mb(pid):
     return float("nan")
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds of a process so far (all its threads)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return float("nan")
+
+
 def percentile(values, q):
     if not values:
         return float("nan")
@@ -142,15 +153,16 @@ def run_round(count, args, kinds, references, errors, samples, pid):
             samples.append(rss_mb(pid))
             time.sleep(2)
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds(pid)
     threads = [threading.Thread(target=client, args=(n,)) for n in range(count)]
     threads.append(threading.Thread(target=sampler))
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
-    elapsed = time.perf_counter() - start
-    return {"clients": count, "rate": len(latencies) / elapsed, "p50": percentile(latencies, 50),
+    elapsed, cpu = time.perf_counter() - start, cpu_seconds(pid) - cpu_start
+    return {"clients": count, "rate": len(latencies) / elapsed, "cpu": cpu / max(1, len(latencies)),
+            "p50": percentile(latencies, 50),
             "p95": percentile(latencies, 95), "refused": refusals[0], "failed": failures[0]}
 
 
@@ -230,10 +242,11 @@ def main():
               f"{args.max_batch} --max_queue {args.max_queue}, {args.seconds:g} s per round, load average "
               f"{os.getloadavg()[0]:.2f}")
         print(f"{'clients':>7} {'requests/s':>10} {'tokens/s':>9} {'p50 ms':>7} {'p95 ms':>7} {'refused':>7} "
-              f"{'failed':>6}")
+              f"{'failed':>6} {'server CPU ms/request':>21}")
         for row in rows:
             print(f"{row['clients']:>7} {row['rate']:>10.2f} {row['rate'] * answer_tokens:>9.1f} "
-                  f"{row['p50'] * 1000:>7.0f} {row['p95'] * 1000:>7.0f} {row['refused']:>7} {row['failed']:>6}")
+                  f"{row['p50'] * 1000:>7.0f} {row['p95'] * 1000:>7.0f} {row['refused']:>7} {row['failed']:>6} "
+                  f"{row['cpu'] * 1000:>21.1f}")
         by_count = {row["clients"]: row for row in rows}
         if 1 in by_count and 8 in by_count:
             speedup = by_count[8]["rate"] / by_count[1]["rate"]

