@@ -12,7 +12,8 @@ that many threads for `--seconds`, each sending greedy requests in a loop over t
 question's reference (a mixed-up answer is a failure); 503 (full queue) counts as a
 refusal, after which that client waits `--backoff` seconds. Prints one row per client count: requests/s and
 answer tokens/s (answered requests), p50/p95 latency, refusals, failures, the server's CPU time per answered
-request (user + system, all threads: what bounds throughput once the cores are busy); then the server's RSS before and after
+request (user + system, all threads: what bounds throughput once the cores are busy) and this load
+generator's (it shares the machine); each client keeps one keep-alive connection, as the openai client does; then the server's RSS before and after
 (sampled every 2 s), its growth over the last round's second half, the server's /health, and the issue's
 target (8 clients >= 4x the requests/s of 1, p95 at 8 <= 2x the p50 at 1) when both counts were run.
 Exit code 1 when any request failed otherwise, the server is unhealthy, or RSS grew more than
@@ -20,6 +21,7 @@ Exit code 1 when any request failed otherwise, the server is unhealthy, or RSS g
 """
 import argparse
 import base64
+import http.client
 import json
 import os
 import shutil
@@ -31,6 +33,7 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +68,7 @@ def free_port():
 
 
 def request(url, body=None, timeout=300):
-    """(status, body bytes, seconds)."""
+    """(status, body bytes, seconds) on a new connection."""
     start = time.perf_counter()
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -74,6 +77,36 @@ def request(url, body=None, timeout=300):
             return response.status, response.read(), time.perf_counter() - start
     except urllib.error.HTTPError as err:
         return err.code, err.read(), time.perf_counter() - start
+
+
+class Client:
+    """One client's keep-alive connection (as the openai client's connection pool keeps one): post() ->
+    (status, body bytes, seconds); a broken connection is opened anew once."""
+
+    def __init__(self, base, timeout=300):
+        parsed = urllib.parse.urlsplit(base)
+        self.host, self.port, self.timeout = parsed.hostname, parsed.port, timeout
+        self.connection = None
+
+    def post(self, path, body):
+        data = json.dumps(body).encode()
+        for attempt in range(2):
+            start = time.perf_counter()
+            if self.connection is None:
+                self.connection = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self.connection.request("POST", path, data, {"Content-Type": "application/json"})
+                response = self.connection.getresponse()
+                return response.status, response.read(), time.perf_counter() - start
+            except (http.client.HTTPException, OSError):
+                self.connection.close()
+                self.connection = None
+                if attempt:
+                    raise
+
+    def close(self):
+        if self.connection is not None:
+            self.connection.close()
 
 
 def answer_of(kind, payload):
@@ -120,19 +153,19 @@ def percentile(values, q):
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def run_round(count, args, kinds, references, errors, samples, pid):
+def run_round(count, args, base, kinds, references, errors, samples, pid):
     """`count` clients for args.seconds: {clients, rate (answered/s), p50, p95 (s), refused, failed}."""
     lock = threading.Lock()
     latencies, refusals, failures = [], [0], [0]
     stop_at = time.perf_counter() + args.seconds
 
     def client(number):
-        turn = number
+        turn, connection = number, Client(base)
         while time.perf_counter() < stop_at:
-            kind, url, body, number = kinds[turn % len(kinds)]
+            kind, path, body, number = kinds[turn % len(kinds)]
             turn += 7     # clients walk the questions and routes in different orders
             try:
-                status, payload, seconds = request(url, body)
+                status, payload, seconds = connection.post(path, body)
                 if status == 503:
                     with lock:
                         refusals[0] += 1
@@ -147,13 +180,14 @@ def run_round(count, args, kinds, references, errors, samples, pid):
                 else:
                     failures[0] += 1
                     errors.append((count, kind, status, payload[:200]))
+        connection.close()
 
     def sampler():
         while time.perf_counter() < stop_at:
             samples.append(rss_mb(pid))
             time.sleep(2)
 
-    start, cpu_start = time.perf_counter(), cpu_seconds(pid)
+    start, cpu_start, client_start = time.perf_counter(), cpu_seconds(pid), time.process_time()
     threads = [threading.Thread(target=client, args=(n,)) for n in range(count)]
     threads.append(threading.Thread(target=sampler))
     for thread in threads:
@@ -161,7 +195,9 @@ def run_round(count, args, kinds, references, errors, samples, pid):
     for thread in threads:
         thread.join()
     elapsed, cpu = time.perf_counter() - start, cpu_seconds(pid) - cpu_start
-    return {"clients": count, "rate": len(latencies) / elapsed, "cpu": cpu / max(1, len(latencies)),
+    answered = max(1, len(latencies))
+    return {"clients": count, "rate": len(latencies) / elapsed, "cpu": cpu / answered,
+            "client_cpu": (time.process_time() - client_start) / answered,
             "p50": percentile(latencies, 50),
             "p95": percentile(latencies, 95), "refused": refusals[0], "failed": failures[0]}
 
@@ -222,18 +258,18 @@ def main():
             assert status == 200, payload
             references.append(answer_of("openai", payload))
             tokens.append(json.loads(payload)["usage"]["completion_tokens"])
-            kinds += [("upstream", base + "/", upstream, number),
-                      ("openai", base + "/v1/chat/completions", openai, number),
-                      ("stream", base + "/v1/chat/completions", {**openai, "stream": True}, number)]
-        for kind, url, body, number in kinds:                          # every route once more, warm
-            status, payload, _ = request(url, body)
+            kinds += [("upstream", "/", upstream, number),
+                      ("openai", "/v1/chat/completions", openai, number),
+                      ("stream", "/v1/chat/completions", {**openai, "stream": True}, number)]
+        for kind, path, body, number in kinds:                          # every route once more, warm
+            status, payload, _ = request(base + path, body)
             assert status == 200 and answer_of(kind, payload) == references[number], (kind, payload[:300])
         answer_tokens = sum(tokens) / len(tokens)
         rss_before = rss_mb(server.pid)
         rows, errors, samples = [], [], []
         for count in counts:
             samples = []
-            rows.append(run_round(count, args, kinds, references, errors, samples, server.pid))
+            rows.append(run_round(count, args, base, kinds, references, errors, samples, server.pid))
         rss_after = rss_mb(server.pid)
         status, payload, _ = request(base + "/health")
         health = json.loads(payload) if status == 200 else {"status": status}
@@ -242,11 +278,11 @@ def main():
               f"{args.max_batch} --max_queue {args.max_queue}, {args.seconds:g} s per round, load average "
               f"{os.getloadavg()[0]:.2f}")
         print(f"{'clients':>7} {'requests/s':>10} {'tokens/s':>9} {'p50 ms':>7} {'p95 ms':>7} {'refused':>7} "
-              f"{'failed':>6} {'server CPU ms/request':>21}")
+              f"{'failed':>6} {'CPU ms/request: server':>22} {'clients':>7}")
         for row in rows:
             print(f"{row['clients']:>7} {row['rate']:>10.2f} {row['rate'] * answer_tokens:>9.1f} "
                   f"{row['p50'] * 1000:>7.0f} {row['p95'] * 1000:>7.0f} {row['refused']:>7} {row['failed']:>6} "
-                  f"{row['cpu'] * 1000:>21.1f}")
+                  f"{row['cpu'] * 1000:>22.1f} {row['client_cpu'] * 1000:>7.1f}")
         by_count = {row["clients"]: row for row in rows}
         if 1 in by_count and 8 in by_count:
             speedup = by_count[8]["rate"] / by_count[1]["rate"]
