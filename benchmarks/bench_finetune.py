@@ -94,7 +94,10 @@ def worker(args):
                   tokens_per_s=samples * args.seq_length / elapsed,
                   step_ms=1000 * elapsed / args.steps,
                   peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                  parameters=sum(int(np.prod(p.shape)) for p in model.get_parameters()))
+                  parameters=sum(int(np.prod(p.shape)) for p in model.get_parameters()),
+                  # TrainStep all-reduces one gradient per trainable parameter, in its dtype
+                  allreduce_bytes=sum(int(np.prod(p.shape)) * p.asnumpy().itemsize
+                                      for p in model.trainable_params()) if size > 1 else 0)
     print(RESULT + json.dumps(report), flush=True)
 
 
@@ -104,10 +107,35 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def worker_command(shape, args):
+    """This script's worker mode (msrun prepends `python`)."""
+    return [os.path.abspath(__file__), "--bench_worker", "--shape", shape, "--steps", str(args.steps),
+            "--warmup", str(args.warmup), "--batch_size", str(args.batch_size), "--seq_length", str(args.seq_length)]
+
+
+def msrun_env():
+    """msrun starts the `python` found on PATH: this one."""
+    return dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+
+
+def summarise(out, workers):
+    """Totals over the workers' BENCH_RESULT lines in `out`."""
+    reports = [json.loads(m) for m in re.findall(RESULT + r"(\{.*\})", out)]
+    assert len(reports) == workers, out[-2000:]
+    return dict(samples_per_s=sum(r["samples_per_s"] for r in reports),
+                tokens_per_s=sum(r["tokens_per_s"] for r in reports),
+                step_ms=max(r["step_ms"] for r in reports), peak_mb=max(r["peak_mb"] for r in reports),
+                parameters=reports[0]["parameters"], allreduce_bytes=reports[0]["allreduce_bytes"])
+
+
+def worker_logs(log_dir):
+    return "".join(open(os.path.join(log_dir, f), encoding="utf-8", errors="replace").read()
+                   for f in sorted(os.listdir(log_dir)) if f.startswith("worker_"))
+
+
 def run(shape, workers, args):
-    command = [__file__, "--bench_worker", "--shape", shape, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--batch_size", str(args.batch_size), "--seq_length", str(args.seq_length)]
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    command = worker_command(shape, args)
+    env = msrun_env()
     if workers == 1:
         out = subprocess.run([sys.executable] + command, capture_output=True, text=True, env=env, check=True).stdout
     else:
@@ -115,14 +143,8 @@ def run(shape, workers, args):
         subprocess.run(["msrun", f"--worker_num={workers}", f"--local_worker_num={workers}",
                         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", f"--log_dir={log_dir}",
                         "--join=True"] + command, capture_output=True, text=True, env=env, check=True)
-        out = "".join(open(os.path.join(log_dir, f), encoding="utf-8", errors="replace").read()
-                      for f in sorted(os.listdir(log_dir)) if f.startswith("worker_"))
-    reports = [json.loads(m) for m in re.findall(RESULT + r"(\{.*\})", out)]
-    assert len(reports) == workers, out[-2000:]
-    return dict(samples_per_s=sum(r["samples_per_s"] for r in reports),
-                tokens_per_s=sum(r["tokens_per_s"] for r in reports),
-                step_ms=max(r["step_ms"] for r in reports), peak_mb=max(r["peak_mb"] for r in reports),
-                parameters=reports[0]["parameters"])
+        out = worker_logs(log_dir)
+    return summarise(out, workers)
 
 
 def main():

@@ -7,6 +7,7 @@ scale from `runner_wrapper`; data parallel over every rank that `msrun` (CPU, As
 import argparse
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -63,6 +64,8 @@ def init_distributed(use_parallel):
     init()
     rank, size = get_rank(), get_group_size()
     ms.set_auto_parallel_context(parallel_mode=ms.ParallelMode.DATA_PARALLEL, gradients_mean=True, device_num=size)
+    # run_multinode.sh maps the pid msrun reports for a lost worker to its rank with this line
+    print(f"rank {rank}/{size}: pid {os.getpid()}", file=sys.stderr, flush=True)
     return rank, size
 
 
@@ -183,8 +186,9 @@ def run_finetune(args):
     from visualglm.lora import apply_lora
     from visualglm.lr_schedule import AnnealingLR
     from visualglm.processing import VisualGLMProcessor
-    from visualglm.training import (CheckpointSaver, FinetuneLoss, TrainStep, TrainingMonitor, build_optimizer,
-                                    check_output_dir, check_resume_settings, resume_training_state, state_folder,
+    from visualglm.training import (CheckpointSaver, FinetuneLoss, TrainStep, TrainingMonitor, agreed_resume_step,
+                                    build_optimizer, check_output_dir, check_resume_settings,
+                                    remove_stale_temporaries, resume_training_state, state_folder,
                                     trainable_checkpoint_path)
 
     if args.save_steps is not None and args.save_steps < 1:
@@ -230,8 +234,12 @@ def run_finetune(args):
     rank, size = init_distributed(plan.use_parallel)
     output_dir = args.output_dir or plan.output_dir
     state_dir = state_folder(output_dir, rank)
+    # Ranks hold the same parameters (data parallel): rank 0 alone writes the LoRA weights; every rank keeps its
+    # own training state, so that a node resumes from its own disk (no shared file system needed).
+    trainable_path = trainable_checkpoint_path(output_dir, 0)
     check_output_dir(output_dir, "--output_dir" if args.output_dir else f"output_dir of {config_path}",
-                     files=[trainable_checkpoint_path(output_dir, rank)], folders=[state_dir])
+                     files=[trainable_path] if rank == 0 else [], folders=[state_dir])
+    remove_stale_temporaries([state_dir] + ([os.path.dirname(trainable_path)] if rank == 0 else []))
     lora = plan.lora
     run_settings = settings_to_compare(lora)
     if args.resume:
@@ -268,7 +276,7 @@ def run_finetune(args):
     train_step = TrainStep(FinetuneLoss(model), optimizer, plan.max_grad_norm, loss_scale)
     train_step.set_train(True)
 
-    start = resume_training_state(train_step, state_dir) if args.resume else 0
+    start = resume_training_state(train_step, state_dir, agreed_resume_step(state_dir, size)) if args.resume else 0
     if start >= total_steps:
         raise UserError(f"nothing to resume: {state_dir} is already at step {start} of {total_steps}")
     dataset = dataset.repeat(epochs)
@@ -282,7 +290,7 @@ def run_finetune(args):
           + (f", resuming at step {start}" if start else ""), flush=True)
     Model(train_step).train(1, dataset, callbacks=[monitor, saver], dataset_sink_mode=False)
     return {"steps": total_steps, "start": start, "losses": monitor.losses, "model": model,
-            "trainable_checkpoint": saver.trainable_path}
+            "trainable_checkpoint": trainable_path}
 
 
 def _unfreeze(model, config):

@@ -203,14 +203,15 @@ def check_resume_settings(state_dir, current, config_path):
 
 
 class CheckpointSaver(Callback):
-    """Every `save_steps` and at the end: the trainable (LoRA) parameters to
-    `{out}/checkpoint_trainable/rank_{r}/visualglm_rank_{r}-trainable_params.ckpt` and the training state
-    to `{out}/checkpoint/rank_{r}/visualglm_rank_{r}-{epoch}_{step}.ckpt` (the last `keep` kept)."""
+    """Every `save_steps` and at the end: the training state to
+    `{out}/checkpoint/rank_{r}/visualglm_rank_{r}-{epoch}_{step}.ckpt` (the last `keep` kept) and, on rank 0
+    only (data-parallel ranks hold the same values), the trainable (LoRA) parameters to
+    `{out}/checkpoint_trainable/rank_0/visualglm_rank_0-trainable_params.ckpt`."""
 
     def __init__(self, train_step, output_dir, rank, save_steps, step_offset=0, keep=5, run_settings=None):
         super().__init__()
         self.train_step = train_step
-        self.trainable_path = trainable_checkpoint_path(output_dir, rank)
+        self.trainable_path = trainable_checkpoint_path(output_dir, 0) if rank == 0 else None
         self.state_dir = state_folder(output_dir, rank)
         self.rank, self.save_steps, self.step_offset, self.keep = rank, save_steps, step_offset, keep
         self.run_settings = run_settings
@@ -228,9 +229,10 @@ class CheckpointSaver(Callback):
         # then as it was) and what --resume reads, so the LoRA file is never of a step without a saved state.
         state_path = os.path.join(self.state_dir, f"visualglm_rank_{self.rank}-{epoch}_{step}.ckpt")
         self._write(lambda tmp: ms.save_checkpoint(training_state(self.train_step), tmp), state_path)
-        lora = [p for p in self.train_step.optimizer.parameters if LORA_MARK in p.name] or \
-            list(self.train_step.optimizer.parameters)
-        self._write(lambda tmp: ms.save_checkpoint(lora, tmp), self.trainable_path)
+        if self.trainable_path is not None:
+            lora = [p for p in self.train_step.optimizer.parameters if LORA_MARK in p.name] or \
+                list(self.train_step.optimizer.parameters)
+            self._write(lambda tmp: ms.save_checkpoint(lora, tmp), self.trainable_path)
         for old in sorted(list_state_checkpoints(self.state_dir), key=_step_of)[:-self.keep]:
             os.remove(old)
 
@@ -266,12 +268,41 @@ def list_state_checkpoints(state_dir):
     return [p for p in glob.glob(os.path.join(state_dir, "visualglm_rank_*-*_*.ckpt")) if ".tmp-" not in p]
 
 
-def resume_training_state(train_step, state_dir):
-    """Load the newest training state in state_dir into the step; returns the step reached (0 if none)."""
-    checkpoints = list_state_checkpoints(state_dir)
-    if not checkpoints:
+_TEMPORARY = re.compile(r"\.tmp-\d+-\d+(\.[A-Za-z]+)?$")   # fileio.atomic_write's names
+
+
+def remove_stale_temporaries(folders):
+    """Remove what a killed run (SIGKILL: no cleanup) left of files it was writing in `folders`; each rank passes
+    only its own folders, so no two ranks touch the same file."""
+    for folder in folders:
+        for path in glob.glob(os.path.join(glob.escape(folder), "*.tmp-*")):
+            if _TEMPORARY.search(path):
+                os.remove(path)
+
+
+def agreed_resume_step(state_dir, size):
+    """The newest step whose training state every rank holds: each rank's newest, the minimum over the ranks (a
+    worker lost during a save leaves the others one save ahead). States newer than it are from the abandoned part
+    of the killed run and are removed here (each rank its own)."""
+    steps = [_step_of(p) for p in list_state_checkpoints(state_dir)]
+    step = max(steps, default=0)
+    if size > 1:
+        # AllGather, not AllReduce(MIN): the CPU backend reduces by sum only, and float32 only
+        step = int(ops.AllGather()(Tensor([step], ms.float32)).asnumpy().min())
+    for path in list_state_checkpoints(state_dir):
+        if _step_of(path) > step:
+            os.remove(path)
+    if step and step not in steps:
+        raise UserError(f"--resume: the ranks' newest common step is {step}, but {state_dir} holds no training "
+                        f"state of it (only steps {sorted(steps)}); resume from scratch into another --output_dir")
+    return step
+
+
+def resume_training_state(train_step, state_dir, step):
+    """Load the training state of `step` in state_dir into the step; returns `step` (0: nothing loaded)."""
+    if not step:
         return 0
-    latest = max(checkpoints, key=_step_of)
+    latest = next(p for p in list_state_checkpoints(state_dir) if _step_of(p) == step)
     state = ms.load_checkpoint(latest)
     params = {p.name: p for p in training_state(train_step)}
     missing = [n for n in params if n not in state]
@@ -285,7 +316,7 @@ def resume_training_state(train_step, state_dir):
                         f"(e.g. {shapes[0]}); was it written with another lora_rank?")
     for name, param in params.items():
         param.set_data(state[name].astype(param.dtype))
-    return _step_of(latest)
+    return step
 
 
 class TrainingMonitor(Callback):
