@@ -1,8 +1,9 @@
 """LoRA finetuning driven by `run_visualglm_lora.yaml` (spec §15, §16.4): base model and tokenizer as the
 inference scripts build them, LoRA from `model.model_config.pet_config`, the dataset of
 `train_dataset`, `AnnealingLR` from `lr_schedule`, AdamWeightDecay from `optimizer`, clipping and loss
-scale from `runner_wrapper`; data parallel over every rank that `msrun` (CPU, Ascend) or
-`run_singlenode.sh` (Ascend, rank table) started.
+scale from `runner_wrapper`; exactly `num_iters` optimiser steps (the data cycled as often as needed);
+progress on stderr; the loss curve (`loss_curve.csv`, `loss_curve.png`) in the output folder; data parallel
+over every rank that `msrun` (CPU, Ascend) or `run_singlenode.sh` (Ascend, rank table) started.
 """
 import argparse
 import math
@@ -126,7 +127,7 @@ class TrainingPlan:
     optimizer: dict
     max_grad_norm: Optional[float]
     loss_scale: tuple            # loss_scale_value, scale_factor, scale_window
-    epochs: int
+    batch_size: int              # per rank
     save_steps: Optional[int]    # None: every run's end only
     use_parallel: bool
     output_dir: str
@@ -139,12 +140,15 @@ def read_training_plan(yaml):
     data = _section(yaml, "train_dataset", "")
     loader = _section(data, "data_loader", "train_dataset.")
     lr_section = _section(yaml, "lr_schedule", "")
+    if not lr_section:
+        raise UserError("the finetune yaml has no lr_schedule section (type: AnnealingLR, learning_rate, "
+                        "warmup_steps, num_iters; see research/visualglm/run_visualglm_demo_finetune.yaml)")
     lr_args = {k: v for k, v in (lr_section.to_dict() if hasattr(lr_section, "to_dict") else dict(lr_section)).items()
                if k != "type"}
     for key, kind, minimum in (("learning_rate", float, 0), ("decay_ratio", float, 0), ("auto_warmup_rate", float, 0),
                                ("warmup_steps", int, 0), ("num_iters", int, 1), ("auto_warmup_steps", int, 0),
                                ("total_steps", int, None), ("last_iter", int, None)):
-        if key in lr_args:   # AnnealingLR's numeric arguments; it refuses unknown keys itself
+        if key in lr_args:   # AnnealingLR's numeric arguments; build_schedule refuses unknown keys
             lr_args[key] = _number(lr_section, key, None, "lr_schedule.", kind, minimum)
     opt = _section(yaml, "optimizer", "")
     wrapper = _section(yaml, "runner_wrapper", "")
@@ -172,25 +176,76 @@ def read_training_plan(yaml):
         loss_scale=(_number(scale, "loss_scale_value", 65536, "runner_wrapper.scale_sense.", minimum=1),
                     _number(scale, "scale_factor", 2, "runner_wrapper.scale_sense.", minimum=1),
                     _number(scale, "scale_window", 400, "runner_wrapper.scale_sense.", int, minimum=1)),
-        epochs=_number(_section(yaml, "runner_config", ""), "epochs", 1, "runner_config.", int, minimum=1),
+        batch_size=_number(_section(yaml, "runner_config", ""), "batch_size", 1, "runner_config.", int, minimum=1),
         save_steps=save_steps, use_parallel=bool(_get(yaml, "use_parallel", False)), output_dir=output_dir,
         lora=lora_settings(yaml))
+
+
+# Upstream's AnnealingLR also caps the lr at auto_warmup_rate (5 %) for its first auto_warmup_steps (100) steps: a
+# run shorter than that never reaches its learning rate, and nothing says so. Here that cap is opt-in (set
+# lr_schedule.auto_warmup_steps); the warmup is lr_schedule.warmup_steps or --warmup_steps.
+AUTO_WARMUP_STEPS = 0
+
+
+def build_schedule(lr_args, num_iters=None, warmup_steps=None):
+    """(AnnealingLR, total steps) of a run of exactly `num_iters` optimiser steps (default
+    lr_schedule.num_iters) with `warmup_steps` (default lr_schedule.warmup_steps, else 0) of linear warmup. The
+    decay spans the steps after the warmup, so that the last step reaches its end (learning_rate·decay_ratio for
+    cosine). UserError for a missing, unknown or bad key."""
+    import inspect
+    from visualglm.lr_schedule import AnnealingLR
+    known = [name for name in inspect.signature(AnnealingLR.__init__).parameters if name != "self"]
+    unknown = sorted(set(lr_args) - set(known))
+    if unknown:
+        raise UserError(f"unknown key(s) {', '.join(unknown)} (AnnealingLR takes {', '.join(known)})")
+    if "learning_rate" not in lr_args:
+        raise UserError("learning_rate is missing (the peak learning rate, e.g. learning_rate: 1.0e-3)")
+    total = num_iters if num_iters is not None else lr_args.get("num_iters")
+    if total is None:
+        raise UserError("num_iters is missing (the number of optimiser steps; or pass --num_iters)")
+    warmup = warmup_steps if warmup_steps is not None else lr_args.get("warmup_steps", 0)
+    if warmup > total:
+        raise UserError(f"the warmup ({warmup} steps) is longer than the run ({total} steps); lower "
+                        "warmup_steps (--warmup_steps) or raise num_iters")
+    arguments = dict(lr_args, warmup_steps=warmup, num_iters=max(1, total - warmup))
+    arguments.setdefault("auto_warmup_steps", AUTO_WARMUP_STEPS)
+    try:
+        return AnnealingLR(**arguments), total
+    except (TypeError, ValueError) as err:
+        raise UserError(" ".join(str(err).split())) from None
+
+
+def describe_schedule(schedule, total):
+    """One line: the warmup, the decay and (when on) upstream's auto-warmup cap."""
+    text = f"lr {schedule.learning_rate:.3g}"
+    if schedule.warmup_steps:
+        text += f" after a linear warmup of {schedule.warmup_steps} steps"
+    if schedule.decay_style in ("cosine", "linear"):
+        end = schedule.learning_rate * (schedule.decay_ratio if schedule.decay_style == "cosine" else 0.0)
+        text += f", {schedule.decay_style} decay to {end:.3g} at step {total}"
+    else:
+        text += ", constant"
+    if schedule.auto_warmup_steps:
+        text += (f"; capped at {schedule.learning_rate * schedule.auto_warmup_rate:.3g} up to step "
+                 f"{schedule.last_iter + schedule.auto_warmup_steps} (lr_schedule.auto_warmup_steps)")
+    return text
 
 
 def run_finetune(args):
     """Train; returns {'steps', 'losses', 'trainable_checkpoint'}."""
     import mindspore as ms
     from mindspore.train import Model
-    from visualglm import app
+    from visualglm import app, loss_curve
     from visualglm.dataset import build_finetune_dataset, read_dataset_json
     from visualglm.lora import apply_lora
-    from visualglm.lr_schedule import AnnealingLR
     from visualglm.processing import VisualGLMProcessor
     from visualglm.training import (CheckpointSaver, FinetuneLoss, TrainStep, TrainingMonitor, agreed_resume_step,
                                     build_optimizer, check_output_dir, check_resume_settings,
                                     remove_stale_temporaries, resume_training_state, state_folder,
                                     trainable_checkpoint_path)
 
+    if args.warmup_steps is not None and args.warmup_steps < 0:
+        raise UserError(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
     if args.save_steps is not None and args.save_steps < 1:
         raise UserError(f"--save_steps must be a number of steps >= 1 (got {args.save_steps}); leave it out to "
                         "use the yaml's save_checkpoint_steps")
@@ -206,11 +261,10 @@ def run_finetune(args):
         plan = read_training_plan(yaml)
     except UserError as err:
         raise UserError(f"{config_path}: {err}") from None
-    lr_args = dict(plan.lr_args, **({"num_iters": args.num_iters} if args.num_iters is not None else {}))
     try:   # unknown or bad lr_schedule keys fail now, not after the model is built
-        schedule = AnnealingLR(**lr_args)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"lr_schedule in {config_path}: {' '.join(str(err).split())}") from None
+        schedule, total_steps = build_schedule(plan.lr_args, args.num_iters, args.warmup_steps)
+    except UserError as err:
+        raise UserError(f"lr_schedule in {config_path}: {err}") from None
     source_len, target_len = plan.source_length, plan.target_length
     dataset_json = args.dataset_dir or plan.dataset
     if not dataset_json:
@@ -225,7 +279,8 @@ def run_finetune(args):
         config=config_path, device_target=args.device_target, device_id=args.device_id,
         batch_size=1, use_past=False, seq_length=source_len + target_len, compute_dtype=args.compute_dtype,
         checkpoint=args.checkpoint, vocab_file=args.vocab_file, seed=args.seed))
-    app.check_training_fits(settings.config.text_config, args.batch_size, source_len + target_len,
+    batch_size = args.batch_size or plan.batch_size
+    app.check_training_fits(settings.config.text_config, batch_size, source_len + target_len,
                             settings.device_target, settings.max_device_memory)
     import mindspore as ms  # noqa: F811
     app.set_device(settings.device_target, args.device_id, settings.max_device_memory)
@@ -251,15 +306,12 @@ def run_finetune(args):
     tokenizer = app.build_tokenizer(settings)
     image_processor = app.build_image_processor(settings)
     processor = VisualGLMProcessor.from_config(settings.config, tokenizer, image_processor)
-    batch_size = args.batch_size
     dataset = build_finetune_dataset(samples, processor, settings.config, batch_size,
                                      max_source_length=source_len, max_target_length=target_len,
                                      random_mapping=plan.random_mapping,
-                                     num_iters=int(lr_args.get("num_iters", 1500)), rank_id=rank, rank_size=size,
+                                     num_iters=total_steps, rank_id=rank, rank_size=size,
                                      image_processor=image_processor)
-    epochs = plan.epochs
-    steps_per_epoch = dataset.get_dataset_size()
-    total_steps = epochs * steps_per_epoch
+    steps_per_pass = dataset.get_dataset_size()
 
     model = app.build_network(settings)
     if lora is None:
@@ -279,18 +331,30 @@ def run_finetune(args):
     start = resume_training_state(train_step, state_dir, agreed_resume_step(state_dir, size)) if args.resume else 0
     if start >= total_steps:
         raise UserError(f"nothing to resume: {state_dir} is already at step {start} of {total_steps}")
-    dataset = dataset.repeat(epochs)
+    # Exactly total_steps batches: the data cycled as often as needed, then cut (a resume skips those done).
+    dataset = dataset.repeat(-(-total_steps // steps_per_pass)).take(total_steps)
     if start:
         dataset = dataset.skip(start)
+    curve_csv, curve_png = (os.path.join(output_dir, name) for name in (loss_curve.CSV_NAME, loss_curve.PNG_NAME))
+    monitor = TrainingMonitor(total_steps, batch_size, source_len + target_len, schedule, args.log_steps, start,
+                              history=loss_curve.read_csv(curve_csv, start) if start and rank == 0 else ())
     save_steps = args.save_steps or plan.save_steps or total_steps
-    saver = CheckpointSaver(train_step, output_dir, rank, save_steps, step_offset=start, run_settings=run_settings)
-    monitor = TrainingMonitor(total_steps, batch_size, source_len + target_len, schedule, args.log_steps, start)
+    saver = CheckpointSaver(train_step, output_dir, rank, save_steps, step_offset=start, run_settings=run_settings,
+                            on_save=(lambda: loss_curve.write_csv(curve_csv, monitor.curve_rows())) if rank == 0
+                            else None)
     print(f"rank {rank}/{size}: {what} ({sum(int(np.prod(p.shape)) for p in model.trainable_params())} "
-          f"trainable parameters), {len(samples)} samples, {total_steps} steps"
-          + (f", resuming at step {start}" if start else ""), flush=True)
+          f"trainable parameters), {len(samples)} samples ({steps_per_pass} batches of {batch_size} per pass), "
+          f"{total_steps} optimiser steps" + (f", resuming at step {start}" if start else "")
+          + f"; {describe_schedule(schedule, total_steps)}", file=sys.stderr, flush=True)
     Model(train_step).train(1, dataset, callbacks=[monitor, saver], dataset_sink_mode=False)
+    curve = None
+    if rank == 0:
+        rows = monitor.curve_rows()
+        loss_curve.write_csv(curve_csv, rows)
+        loss_curve.write_png(curve_png, rows, f"{what}, {total_steps} steps")
+        curve = {"png": curve_png, "csv": curve_csv}
     return {"steps": total_steps, "start": start, "losses": monitor.losses, "model": model,
-            "trainable_checkpoint": trainable_path}
+            "trainable_checkpoint": trainable_path, "loss_curve": curve}
 
 
 def _unfreeze(model, config):
@@ -313,7 +377,8 @@ def add_finetune_args(parser):
     parser.add_argument("--config", "--config_path", dest="config", default="run_visualglm_lora.yaml",
                         help="finetune yaml (looked up next to the scripts too); default: %(default)s")
     parser.add_argument("--graph_mode", type=int, choices=(0, 1), default=0, help="0: GRAPH (default), 1: PyNative")
-    parser.add_argument("--batch_size", type=int, default=1, help="samples per step per rank (default 1)")
+    parser.add_argument("--batch_size", type=int, default=None,
+                        help="samples per step per rank (default: the yaml's runner_config.batch_size, else 1)")
     parser.add_argument("--device_id", type=int, default=int(os.environ.get("DEVICE_ID", 0)),
                         help="device id (default: $DEVICE_ID or 0)")
     parser.add_argument("--device_target", default=None, help="CPU or Ascend (default: the yaml's context)")
@@ -325,9 +390,14 @@ def add_finetune_args(parser):
     parser.add_argument("--image_root", default=None,
                         help="folder the dataset's image paths are resolved against and confined to "
                              "(default: the dataset file's folder)")
-    parser.add_argument("--num_iters", type=int, default=None, help="overrides lr_schedule.num_iters")
+    parser.add_argument("--num_iters", type=int, default=None,
+                        help="optimiser steps of the run, exactly (default: the yaml's lr_schedule.num_iters); the "
+                             "data is cycled as often as needed")
+    parser.add_argument("--warmup_steps", type=int, default=None,
+                        help="steps of linear lr warmup (default: the yaml's lr_schedule.warmup_steps, else 0)")
     parser.add_argument("--save_steps", type=int, default=None, help="checkpoint every N steps (default: the yaml's)")
-    parser.add_argument("--log_steps", type=int, default=1, help="log every N steps")
+    parser.add_argument("--log_steps", type=int, default=1,
+                        help="a progress line on stderr every N steps (default 1)")
     parser.add_argument("--output_dir", default=None, help="default: the yaml's output_dir")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest output/checkpoint/rank_N state (same config and seed)")

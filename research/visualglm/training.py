@@ -208,8 +208,10 @@ class CheckpointSaver(Callback):
     only (data-parallel ranks hold the same values), the trainable (LoRA) parameters to
     `{out}/checkpoint_trainable/rank_0/visualglm_rank_0-trainable_params.ckpt`."""
 
-    def __init__(self, train_step, output_dir, rank, save_steps, step_offset=0, keep=5, run_settings=None):
+    def __init__(self, train_step, output_dir, rank, save_steps, step_offset=0, keep=5, run_settings=None,
+                 on_save=None):
         super().__init__()
+        self.on_save = on_save   # called after each save (the loss curve's CSV, so a resumed run keeps its past)
         self.train_step = train_step
         self.trainable_path = trainable_checkpoint_path(output_dir, 0) if rank == 0 else None
         self.state_dir = state_folder(output_dir, rank)
@@ -235,6 +237,8 @@ class CheckpointSaver(Callback):
             self._write(lambda tmp: ms.save_checkpoint(lora, tmp), self.trainable_path)
         for old in sorted(list_state_checkpoints(self.state_dir), key=_step_of)[:-self.keep]:
             os.remove(old)
+        if self.on_save is not None:
+            self.on_save()
 
     @staticmethod
     def _write(save, path):
@@ -319,24 +323,54 @@ def resume_training_state(train_step, state_dir, step):
     return step
 
 
+def format_duration(seconds):
+    """42s, 3m05s, 1h02m; '?' when unknown."""
+    if not seconds == seconds or seconds == float("inf"):
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 class TrainingMonitor(Callback):
-    """One line per `log_steps`: step/total, loss, learning rate, samples/s, tokens/s and ETA; plus a
-    progress bar on a terminal."""
+    """On stderr, one line per `log_steps` (and the last step): step/total, loss, learning rate, steps/s,
+    samples/s, tokens/s and ETA; plus a progress bar on a terminal. Keeps (step, loss) of every step for the
+    loss curve (`curve_rows`); a resumed run starts from the rows `history` gives for the steps before it.
+
+    The speed leaves out the first step, which compiles the graph: from it the ETA would overestimate."""
 
     def __init__(self, total_steps, batch_size, tokens_per_sample, lr_schedule=None, log_steps=1,
-                 step_offset=0, stream=None):
+                 step_offset=0, stream=None, history=()):
         super().__init__()
         self.total, self.batch, self.tokens = total_steps, batch_size, tokens_per_sample
         self.lr_schedule, self.log_steps, self.offset = lr_schedule, log_steps, step_offset
-        self.stream = stream or sys.stdout
+        self.stream = stream or sys.stderr
         self.bar = None
         self.losses = []
+        self.history = [(step, loss) for step, loss, _ in history]
+        self.first_step_end = None
+        self._all_lrs = None
 
     def begin(self, run_context):
-        self.start = time.time()
-        if sys.stderr.isatty():
+        if self.stream.isatty():
             from tqdm import tqdm
-            self.bar = tqdm(total=self.total, initial=self.offset, desc="finetune", unit="step")
+            self.bar = tqdm(total=self.total, initial=self.offset, desc="finetune", unit="step", file=self.stream)
+
+    def learning_rates(self, steps):
+        """The learning rate the optimiser used at each of `steps` (1-based; its own counter is step - 1)."""
+        if self.lr_schedule is None:
+            return [float("nan")] * len(steps)
+        if self._all_lrs is None:   # one call for the whole run: each new input shape would compile a graph
+            self._all_lrs = self.lr_schedule(Tensor(np.arange(self.total, dtype=np.int32))).asnumpy().reshape(-1)
+        return [float(self._all_lrs[step - 1]) for step in steps]
+
+    def curve_rows(self):
+        """(step, loss, lr) of every step so far, resumed ones included."""
+        steps, losses = zip(*self.history) if self.history else ((), ())
+        return list(zip(steps, losses, self.learning_rates(steps)))
 
     def step_end(self, run_context):
         args = run_context.original_args()
@@ -344,18 +378,26 @@ class TrainingMonitor(Callback):
         loss = float(np.asarray(args.net_outputs.asnumpy() if hasattr(args.net_outputs, "asnumpy")
                                 else args.net_outputs).reshape(-1)[0])
         self.losses.append(loss)
-        done = step - self.offset
-        elapsed = time.time() - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        self.history.append((step, loss))
+        now = time.time()
+        if self.first_step_end is None:
+            self.first_step_end, rate = now, float("nan")
+        else:
+            done = step - self.offset - 1
+            rate = done / (now - self.first_step_end) if now > self.first_step_end else float("nan")
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{loss:.4f}")
         if step % self.log_steps == 0 or step == self.total:
-            lr = float(self.lr_schedule(Tensor(step - 1, ms.int32)).asnumpy()) if self.lr_schedule else float("nan")
-            print(f"step {step}/{self.total} loss {loss:.6f} lr {lr:.3e} "
-                  f"{rate * self.batch:.2f} samples/s {rate * self.batch * self.tokens:.0f} tokens/s "
-                  f"eta {eta:.0f}s", file=self.stream, flush=True)
+            lr = self.learning_rates([step])[0]
+            eta = (self.total - step) / rate if rate > 0 else float("nan")
+            speed = (f"{rate:.2f} steps/s {rate * self.batch:.2f} samples/s {rate * self.batch * self.tokens:.0f} "
+                     "tokens/s") if rate == rate else "? steps/s (first step: compiling)"
+            line = f"step {step}/{self.total} loss {loss:.6f} lr {lr:.3e} {speed} eta {format_duration(eta)}"
+            if self.bar is not None:
+                self.bar.write(line, file=self.stream)
+            else:
+                print(line, file=self.stream, flush=True)
 
     def end(self, run_context):
         if self.bar is not None:

@@ -276,11 +276,12 @@ def _write_json(path, data):
         f.write("\n")
 
 
-def generate(out, seed=0, counts=None, size=IMAGE_SIZE):
-    """All four splits under `out`; returns {split: number of entries}. Checks that no image repeats."""
+def generate(out, seed=0, counts=None, size=IMAGE_SIZE, splits=tuple(SPLITS)):
+    """The given splits (default all) under `out`; returns {split: number of entries}. Checks that no image
+    repeats."""
     counts = dict(DEFAULT_COUNTS, **(counts or {}))
     written, hashes = {}, {}
-    for split in SPLITS:
+    for split in splits:
         written[split] = len(write_split(out, split, counts[split], seed, size))
         folder = os.path.join(out, split, "images")
         for name in sorted(os.listdir(folder)):
@@ -345,11 +346,13 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     for split, count in DEFAULT_COUNTS.items():
         parser.add_argument(f"--{split}", type=int, default=count, help=f"images in {split} (default {count})")
+    parser.add_argument("--splits", nargs="+", choices=tuple(SPLITS), default=list(SPLITS),
+                        help="write only these splits (default: all), e.g. --splits lora_train for the star LoRA")
     parser.add_argument("--image_size", type=int, default=IMAGE_SIZE)
     parser.add_argument("--examples", default=None, help="also draw the example images into this folder")
     args = parser.parse_args(argv)
     counts = {split: getattr(args, split) for split in SPLITS}
-    written = generate(args.out, args.seed, counts, args.image_size)
+    written = generate(args.out, args.seed, counts, args.image_size, args.splits)
     for split, n in written.items():
         print(f"{split}: {counts[split]} images, {n} question/answer pairs -> {os.path.join(args.out, split)}")
     if args.examples:

@@ -119,7 +119,7 @@ def finetune_yaml(vocab, vocab_path, checkpoint, dataset, stage, seed, lora, siz
     return {
         "seed": seed, "run_mode": "finetune", "output_dir": "./output", "use_parallel": False,
         "context": {"mode": 0, "device_target": "CPU", "device_id": 0},
-        "runner_config": {"epochs": stage["epochs"], "batch_size": stage["batch_size"]},
+        "runner_config": {"batch_size": stage["batch_size"]},
         "runner_wrapper": {"type": "MFTrainOneStepCell", "use_clip_grad": True,
                            "max_grad_norm": stage["max_grad_norm"]},
         "train_dataset": {"data_loader": {"type": "VisualGLMDataLoader", "dataset_dir": dataset, "shuffle": False,
@@ -145,10 +145,9 @@ def write_yaml(path, data, header=""):
 
 
 def schedule_for(stage, samples):
-    """(steps, lr_schedule.num_iters): every sample once per epoch (the dataset.json order is a fixed shuffle,
-    the last incomplete batch dropped); the cosine decay spans all steps after the warmup."""
-    steps = stage["epochs"] * (samples // stage["batch_size"])
-    return steps, max(1, steps - stage["warmup_steps"])
+    """The stage's optimiser steps (its lr_schedule.num_iters): every sample once per epoch (the dataset.json
+    order is a fixed shuffle, the last incomplete batch dropped)."""
+    return stage["epochs"] * (samples // stage["batch_size"])
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -268,7 +267,7 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
 
     # stage 0: a fresh model; its vision side (ViT, ln_vision, Q-Former) pretrained as an image classifier
     train_set, s1_samples = first_entries(os.path.join(data, "train", "dataset.json"), s1["samples"], "stage1.json")
-    s1["steps"], s1["num_iters"] = schedule_for(s1, s1_samples)
+    s1["steps"] = s1["num_iters"] = schedule_for(s1, s1_samples)
     init_path = os.path.join(out, "init.ckpt")
     stage1 = finetune_yaml(vocab, vocab_path, init_path, train_set, s1, seed, False, sizes)
     stage1_yaml = write_yaml(os.path.join(out, "stage1_full.yaml"), stage1)
@@ -303,7 +302,7 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
 
     # stage 2: LoRA on the new concept
     lora_set = os.path.join(data, "lora_train", "dataset.json")
-    s2["steps"], s2["num_iters"] = schedule_for(s2, written["lora_train"])
+    s2["steps"] = s2["num_iters"] = schedule_for(s2, written["lora_train"])
     stage2_yaml = write_yaml(os.path.join(out, "stage2_lora.yaml"),
                              finetune_yaml(vocab, vocab_path, base_path, lora_set, s2, seed, True, sizes))
     result2 = run_stage(stage2_yaml, lora_set, os.path.join(out, "stage2"), seed, s2["batch_size"], s2["num_iters"])
