@@ -178,3 +178,39 @@ def test_bad_arguments(kwargs, match):
 def test_constant_styles_need_no_horizon():
     AnnealingLR(1e-3, 0, 0, decay_style="constant")
     AnnealingLR(1e-3, 0, 0, decay_style=None)
+
+
+def _lrs(schedule, steps):
+    return schedule(Tensor(np.arange(steps, dtype=np.int32))).asnumpy()
+
+
+def test_finetune_schedule_runs_num_iters_steps_without_the_hidden_auto_warmup(pynative):
+    """build_schedule (run_finetune's): num_iters is the run's length, the decay spans the steps after the warmup,
+    --warmup_steps wins over the yaml, and upstream's 5 % auto-warmup cap applies only when the yaml asks."""
+    from visualglm.finetune import build_schedule
+    yaml = {"learning_rate": 1.0, "warmup_steps": 10, "num_iters": 100}
+    schedule, total = build_schedule(yaml)
+    assert total == 100 and schedule.num_iters == 90 and schedule.auto_warmup_steps == 0
+    lrs = _lrs(schedule, 100)
+    np.testing.assert_allclose(lrs[:11], np.arange(11) / 10, rtol=1e-6)     # no cap at 0.05 before step 100
+    np.testing.assert_allclose(lrs[99], 0.1 + 0.9 * (math.cos(math.pi * 89 / 90) + 1) / 2, rtol=1e-5)
+    schedule, total = build_schedule(yaml, num_iters=40, warmup_steps=0)
+    assert total == 40 and schedule.warmup_steps == 0 and schedule.num_iters == 40
+    assert _lrs(schedule, 1)[0] == pytest.approx(1.0)
+    capped, _ = build_schedule(dict(yaml, auto_warmup_steps=100))           # upstream's behaviour, on request
+    np.testing.assert_allclose(_lrs(capped, 100)[:99], np.minimum(0.05, np.arange(99) / 10), rtol=1e-6)
+
+
+@pytest.mark.parametrize("yaml, kwargs, match", [
+    ({"learning_rate": 1.0, "num_iters": 10, "warmup": 3}, {}, r"unknown key\(s\) warmup"),
+    ({"num_iters": 10}, {}, "learning_rate is missing"),
+    ({"learning_rate": 1.0}, {}, "num_iters is missing"),
+    ({"learning_rate": 1.0, "num_iters": 10, "warmup_steps": 11}, {}, r"warmup \(11 steps\) is longer"),
+    ({"learning_rate": 1.0, "num_iters": 10}, {"warmup_steps": 20}, r"warmup \(20 steps\) is longer"),
+    ({"learning_rate": 1.0, "num_iters": 10, "decay_style": "step"}, {}, "decay_style must be one of"),
+])
+def test_finetune_schedule_errors(yaml, kwargs, match):
+    from visualglm.errors import UserError
+    from visualglm.finetune import build_schedule
+    with pytest.raises(UserError, match=match):
+        build_schedule(yaml, **kwargs)

@@ -20,7 +20,7 @@ from test_finetune import _env, _free_port, _trainable
 MULTINODE = REPO / "research" / "run_multinode.sh"
 MSRUN = REPO / "research" / "run_msrun.sh"
 MASTER, WORKER = "10.77.0.1", "10.77.0.2"
-STEPS = 8   # num_iters 4, 2 ranks, batch 1: scale 4·1·2 // 8 + 1 = 2 -> 16 samples, 8 per rank
+STEPS = 8   # num_iters: optimiser steps (2 ranks, batch 1 each)
 LORA = "checkpoint_trainable/rank_0/visualglm_rank_0-trainable_params.ckpt"
 
 
@@ -56,7 +56,7 @@ def _demo_yaml(path):
     lora = yaml.safe_load((SCRIPTS / "run_visualglm_lora.yaml").read_text(encoding="utf-8"))
     data.update({key: lora[key] for key in ("runner_config", "runner_wrapper", "optimizer", "callbacks")})
     data.update(run_mode="finetune", seed=7, use_parallel=True,
-                lr_schedule=dict(type="AnnealingLR", learning_rate=1e-2, warmup_steps=2, num_iters=4,
+                lr_schedule=dict(type="AnnealingLR", learning_rate=1e-2, warmup_steps=2, num_iters=STEPS,
                                  auto_warmup_steps=1),
                 train_dataset=dict(data_loader=dict(dataset_dir=str(REPO / "finetune" / "dataset.json"),
                                                     random_mapping=True),

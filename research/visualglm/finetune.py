@@ -190,8 +190,8 @@ AUTO_WARMUP_STEPS = 0
 def build_schedule(lr_args, num_iters=None, warmup_steps=None):
     """(AnnealingLR, total steps) of a run of exactly `num_iters` optimiser steps (default
     lr_schedule.num_iters) with `warmup_steps` (default lr_schedule.warmup_steps, else 0) of linear warmup. The
-    decay spans the steps after the warmup, so that the last step reaches its end (learning_rate·decay_ratio for
-    cosine). UserError for a missing, unknown or bad key."""
+    decay spans the steps after the warmup (to learning_rate·decay_ratio for cosine), so it ends with the run.
+    UserError for a missing, unknown or bad key."""
     import inspect
     from visualglm.lr_schedule import AnnealingLR
     known = [name for name in inspect.signature(AnnealingLR.__init__).parameters if name != "self"]
@@ -215,14 +215,14 @@ def build_schedule(lr_args, num_iters=None, warmup_steps=None):
         raise UserError(" ".join(str(err).split())) from None
 
 
-def describe_schedule(schedule, total):
+def describe_schedule(schedule):
     """One line: the warmup, the decay and (when on) upstream's auto-warmup cap."""
     text = f"lr {schedule.learning_rate:.3g}"
     if schedule.warmup_steps:
         text += f" after a linear warmup of {schedule.warmup_steps} steps"
     if schedule.decay_style in ("cosine", "linear"):
         end = schedule.learning_rate * (schedule.decay_ratio if schedule.decay_style == "cosine" else 0.0)
-        text += f", {schedule.decay_style} decay to {end:.3g} at step {total}"
+        text += f", {schedule.decay_style} decay to {end:.3g} over the remaining {schedule.num_iters} steps"
     else:
         text += ", constant"
     if schedule.auto_warmup_steps:
@@ -345,7 +345,7 @@ def run_finetune(args):
     print(f"rank {rank}/{size}: {what} ({sum(int(np.prod(p.shape)) for p in model.trainable_params())} "
           f"trainable parameters), {len(samples)} samples ({steps_per_pass} batches of {batch_size} per pass), "
           f"{total_steps} optimiser steps" + (f", resuming at step {start}" if start else "")
-          + f"; {describe_schedule(schedule, total_steps)}", file=sys.stderr, flush=True)
+          + f"; {describe_schedule(schedule)}", file=sys.stderr, flush=True)
     Model(train_step).train(1, dataset, callbacks=[monitor, saver], dataset_sink_mode=False)
     curve = None
     if rank == 0:
