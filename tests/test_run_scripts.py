@@ -147,7 +147,7 @@ def script_runs(tiny_yaml, tmp_path_factory):
     runs = {
         # from the repository root: repeated pairs, 3 inputs in chunks of 2
         "pairs": (RUN, ["--config", tiny_yaml, *pair_args, "--batch_size", "2", *tokens], REPO),
-        # from research/visualglm: the jsonl (a prompt with commas), paths found via the repository root
+        # from research/visualglm: the jsonl, paths found via the repository root
         "jsonl": (RUN, ["--config_path", tiny_yaml, "--input_file", "examples/example_inputs.jsonl",
                         "--use_past", "false", "--device_target", "cpu", *tokens], SCRIPTS),
         "stream": (RUN, ["--config", tiny_yaml, "--image_path", PAIRS[0][0], "--prompt", PAIRS[0][1], "--stream",
