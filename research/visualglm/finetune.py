@@ -232,7 +232,8 @@ def describe_schedule(schedule):
 
 
 def run_finetune(args):
-    """Train; returns {'steps', 'losses', 'trainable_checkpoint'}."""
+    """Train; returns {'steps', 'start', 'losses', 'model', 'trainable_checkpoint', 'loss_curve' (rank 0: the
+    PNG and CSV paths; None on other ranks)}."""
     import mindspore as ms
     from mindspore.train import Model
     from visualglm import app, loss_curve
