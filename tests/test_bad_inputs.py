@@ -210,7 +210,8 @@ FINETUNE_CASES = {
     "max_target_length fraction": (_set("train_dataset", "max_target_length", 2.5), "max_target_length"),
     "batch_size zero": (_set("runner_config", "batch_size", 0),
                         "runner_config.batch_size in the finetune yaml must be >= 1"),
-    "lr_schedule missing": (_set("lr_schedule", DELETE), "has no lr_schedule section"),
+    "lr_schedule missing": (_set("lr_schedule", DELETE), "lr_schedule.type is 'CosineWithWarmUpLR' (MindFormers' "
+                            "default when the yaml has none); finetuning runs AnnealingLR"),
     "beta1 text": (_set("optimizer", "beta1", "x"), "optimizer.beta1"),
     "learning rate NaN": (_set("lr_schedule", "learning_rate", float("nan")), "lr_schedule.learning_rate"),
     "unknown lr key": (_set("lr_schedule", "bogus", 1), "unknown key(s) bogus (AnnealingLR takes learning_rate"),

@@ -140,9 +140,13 @@ def read_training_plan(yaml):
     data = _section(yaml, "train_dataset", "")
     loader = _section(data, "data_loader", "train_dataset.")
     lr_section = _section(yaml, "lr_schedule", "")
+    wanted = ("an lr_schedule section (type: AnnealingLR, learning_rate, warmup_steps, num_iters; see "
+              "research/visualglm/run_visualglm_demo_finetune.yaml)")
     if not lr_section:
-        raise UserError("the finetune yaml has no lr_schedule section (type: AnnealingLR, learning_rate, "
-                        "warmup_steps, num_iters; see research/visualglm/run_visualglm_demo_finetune.yaml)")
+        raise UserError(f"the finetune yaml has no lr_schedule section: give it {wanted}")
+    if _get(lr_section, "type", "AnnealingLR") != "AnnealingLR":   # MindFormers fills in its own when none is given
+        raise UserError(f"lr_schedule.type is {_get(lr_section, 'type')!r} (MindFormers' default when the yaml has "
+                        f"none); finetuning runs AnnealingLR: give the yaml {wanted}")
     lr_args = {k: v for k, v in (lr_section.to_dict() if hasattr(lr_section, "to_dict") else dict(lr_section)).items()
                if k != "type"}
     for key, kind, minimum in (("learning_rate", float, 0), ("decay_ratio", float, 0), ("auto_warmup_rate", float, 0),
