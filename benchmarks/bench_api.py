@@ -24,6 +24,7 @@ import base64
 import http.client
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -213,12 +214,18 @@ def main():
     parser.add_argument("--max_queue", type=int, default=16, help="the server's --max_queue")
     parser.add_argument("--backoff", type=float, default=0.2, help="a refused client waits this long")
     parser.add_argument("--max_rss_growth_mb", type=float, default=10)
+    parser.add_argument("--questions", type=int, default=len(QUESTIONS), choices=range(1, len(QUESTIONS) + 1),
+                        metavar=f"1..{len(QUESTIONS)}", help="use the first N questions (default all; fewer for "
+                        "the full-size model, whose every reference answer takes seconds)")
+    parser.add_argument("--server_args", default="", help="more api.py arguments, e.g. \"--seq_length 256\"")
     args = parser.parse_args()
     try:
         counts = [int(c) for c in args.clients.split(",")]
     except ValueError:
         parser.error(f"--clients must be comma-separated integers, got {args.clients!r}")
 
+    # SIGTERM (a timeout, a watchdog) unwinds like Ctrl-C, so the server is stopped and the folder removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     folder = tempfile.mkdtemp(prefix="bench_api_")
     env = dict(os.environ, LOCAL_DEFAULT_PATH=os.path.join(folder, "mf_output"))
     if args.tiny:
@@ -232,11 +239,11 @@ def main():
     log = open(os.path.join(folder, "server.log"), "w")
     server = subprocess.Popen([sys.executable, os.path.join(REPO, "research", "visualglm", "api.py"), "--config",
                                config, "--port", str(port), "--max_queue", str(args.max_queue),
-                               "--max_batch", str(args.max_batch)],
+                               "--max_batch", str(args.max_batch)] + shlex.split(args.server_args),
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     failed = False
     try:
-        for _ in range(600):
+        for _ in range(1200):   # the full-size model loads and compiles for minutes
             if server.poll() is not None:
                 raise SystemExit(f"server exited:\n{open(log.name).read()[-3000:]}")
             try:
@@ -246,7 +253,8 @@ def main():
                 pass
             time.sleep(0.5)
         kinds, references, tokens = [], [], []
-        for number, (name, query) in enumerate(QUESTIONS):
+        questions = QUESTIONS[:args.questions]
+        for number, (name, query) in enumerate(questions):
             image = base64.b64encode(open(os.path.join(REPO, "examples", name), "rb").read()).decode()
             upstream = {"image": image, "text": query, "history": [], "temperature": 0,
                         "max_new_tokens": args.max_tokens}
@@ -273,7 +281,7 @@ def main():
         rss_after = rss_mb(server.pid)
         status, payload, _ = request(base + "/health")
         health = json.loads(payload) if status == 200 else {"status": status}
-        print(f"{len(QUESTIONS)} questions, max_tokens {args.max_tokens} ({answer_tokens:.1f} answer tokens on "
+        print(f"{len(questions)} questions, max_tokens {args.max_tokens} ({answer_tokens:.1f} answer tokens on "
               f"average), server --max_batch "
               f"{args.max_batch} --max_queue {args.max_queue}, {args.seconds:g} s per round, load average "
               f"{os.getloadavg()[0]:.2f}")
