@@ -8,6 +8,10 @@
 // with params = {x, w, out}):
 //   vg_linear_nt_avx512, vg_linear_nn_avx512   AVX-512F (+ F16C, FMA)
 //   vg_linear_nt_avx2,   vg_linear_nn_avx2     AVX2 + FMA + F16C
+// and the weight-only quantized products (params = {x, q, scale, out}; q int8 [N, K] for 8 bits or [N, K/2] for
+// 4 bits, two values per byte, the even column in the high nibble as THUDM's int4WeightCompression packs them;
+// scale float16 [N]; out = (x · qᵀ) · scale, float32 accumulation):
+//   vg_qlinear8_avx512, vg_qlinear4_avx512, vg_qlinear8_avx2, vg_qlinear4_avx2
 // and plain C helpers for the loader: vg_cpu_features(), vg_num_threads(), vg_abi_version().
 //
 // One translation unit, no -march flags: the kernel body at the end of this file is included twice, once
@@ -19,8 +23,11 @@
 // sleep on a futex) claim one at a time. Thread count: VISUALGLM_KERNEL_THREADS, else the number of CPUs in
 // the process's affinity mask. Jobs under 0.2 MFLOP run on the calling thread alone.
 //   M <= 8 rows  ("decode"): every weight element is read once for all rows, bandwidth-bound.
-//   M >  8 rows  ("prefill"): blocked for cache reuse; weight blocks are converted (fp16) or copied (fp32)
-//                into a per-thread fp32 buffer that all rows reuse.
+//   M >  8 rows  ("prefill"): blocked for cache reuse; weight blocks are converted (fp16, int8, int4 times their
+//                row scales) or copied (fp32) into a per-thread fp32 buffer that all rows reuse.
+// int4: every block of 2·VW columns of x is copied with its even columns first, then its odd ones, so that
+// the two vectors one byte-vector of weights unpacks into (high nibbles = even columns, low = odd) meet their
+// x without a shuffle; the K % (2·VW) tail keeps the natural order and runs scalar.
 // Rows of x (M >= 2) and of weight blocks are copied at a padded stride: rows 4 KB apart share one L1 set.
 
 #ifndef VG_KERNEL_BODY
@@ -39,6 +46,7 @@
 #include <cstring>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 
 #ifndef __x86_64__
 #error "linear_cpu.cc is x86-64 only"
@@ -235,6 +243,8 @@ struct Problem {
   bool w_half;
   int64_t M, K, N;
   int64_t ldx;  // x's row stride (K, or a padded copy's)
+  const uint16_t* scale = nullptr;  // quantized weights: float16 [N]
+  int bits = 0;                     // 8 or 4 for quantized weights, 0 for float ones
 };
 
 static bool is_f32(const char* t) { return t && (!strcmp(t, "float32") || !strcmp(t, "float")); }
@@ -263,6 +273,35 @@ static bool parse(int nparam, void** params, int* ndims, int64_t** shapes, const
   p->K = K;
   p->N = N;
   p->ldx = K;
+  return true;
+}
+
+// x [..., K] float32, q int8 [N, K·bits/8], scale float16 [N], out [..., N] float32.
+static bool parse_quantized(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, int bits,
+                            Problem* p) {
+  if (nparam != 4 || !params || !ndims || !shapes || !dtypes) return false;
+  if (ndims[0] < 1 || ndims[1] != 2 || ndims[2] != 1 || ndims[3] != ndims[0]) return false;
+  if (!is_f32(dtypes[0]) || !dtypes[1] || strcmp(dtypes[1], "int8") || !is_f16(dtypes[2]) || !is_f32(dtypes[3]))
+    return false;
+  int64_t M = 1;
+  for (int i = 0; i + 1 < ndims[0]; ++i) {
+    if (shapes[0][i] < 0 || shapes[3][i] != shapes[0][i]) return false;
+    M *= shapes[0][i];
+  }
+  const int64_t K = shapes[0][ndims[0] - 1], N = shapes[1][0];
+  if (K < 0 || N < 0 || K * bits % 8 || shapes[1][1] != K * bits / 8 || shapes[2][0] != N ||
+      shapes[3][ndims[3] - 1] != N)
+    return false;
+  p->x = static_cast<const float*>(params[0]);
+  p->w = params[1];
+  p->scale = static_cast<const uint16_t*>(params[2]);
+  p->out = static_cast<float*>(params[3]);
+  p->w_half = false;
+  p->M = M;
+  p->K = K;
+  p->N = N;
+  p->ldx = K;
+  p->bits = bits;
   return true;
 }
 
@@ -320,7 +359,7 @@ int vg_cpu_features(void) {
 
 int vg_num_threads(void) { return vg::pool()->size(); }
 
-int vg_abi_version(void) { return 1; }
+int vg_abi_version(void) { return 2; }
 
 #define VG_EXPORT(name, ns, nt)                                                                          \
   int name(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,   \
@@ -336,6 +375,21 @@ VG_EXPORT(vg_linear_nt_avx512, vg_avx512, true)
 VG_EXPORT(vg_linear_nn_avx512, vg_avx512, false)
 VG_EXPORT(vg_linear_nt_avx2, vg_avx2, true)
 VG_EXPORT(vg_linear_nn_avx2, vg_avx2, false)
+
+#define VG_EXPORT_Q(name, ns, bits)                                                                      \
+  int name(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,   \
+           void* extra) {                                                                                \
+    (void)stream;                                                                                        \
+    (void)extra;                                                                                         \
+    vg::Problem p;                                                                                       \
+    if (!vg::parse_quantized(nparam, params, ndims, shapes, dtypes, bits, &p)) return 1;                 \
+    return ns::qlinear(p);                                                                               \
+  }
+
+VG_EXPORT_Q(vg_qlinear8_avx512, vg_avx512, 8)
+VG_EXPORT_Q(vg_qlinear4_avx512, vg_avx512, 4)
+VG_EXPORT_Q(vg_qlinear8_avx2, vg_avx2, 8)
+VG_EXPORT_Q(vg_qlinear4_avx2, vg_avx2, 4)
 
 }  // extern "C"
 
@@ -355,9 +409,20 @@ static inline V vloadw(const float* p) { return _mm512_loadu_ps(p); }
 static inline V vloadw(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+static inline V vloadw(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// VW bytes of int4 pairs -> their VW high nibbles (even columns) and VW low nibbles (odd columns), sign-extended.
+static inline void vload_q4(const int8_t* p, V* even, V* odd) {
+  const __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  *even = _mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4));
+  *odd = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
+}
 static inline V vbcast(const float* p) { return _mm512_set1_ps(*p); }
+static inline V vset1(float v) { return _mm512_set1_ps(v); }
 static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 static inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+static inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
 static inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
 static inline __m256 half_sum(V v) {
   return _mm256_add_ps(_mm512_castps512_ps256(v),
@@ -367,6 +432,8 @@ static inline __m256 half_sum(V v) {
 template <int M> struct DecodeNR {
   static constexpr int value = M <= 2 ? 8 : M <= 4 ? 6 : M == 5 ? 5 : M == 6 ? 4 : 3;
 };
+// int4 decode: each weight row gives two vectors per step, each multiplied by two x vectors per row of x.
+template <int M> struct DecodeNR4 { static constexpr int value = M <= 2 ? 4 : M <= 4 ? 3 : M <= 6 ? 2 : 1; };
 constexpr int NT_MR = 4, NT_NR = 6;    // prefill, nt layout (dot products on fp32 blocks)
 constexpr int NN_MR = 12, NN_NRV = 2;  // prefill, nn layout: 12 rows x 32 columns
 #else
@@ -378,18 +445,32 @@ static inline V vloadw(const float* p) { return _mm256_loadu_ps(p); }
 static inline V vloadw(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+static inline V vloadw(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+static inline void vload_q4(const int8_t* p, V* even, V* odd) {
+  const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  *even = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
+  *odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
+}
 static inline V vbcast(const float* p) { return _mm256_broadcast_ss(p); }
+static inline V vset1(float v) { return _mm256_set1_ps(v); }
 static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 static inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+static inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
 static inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
 static inline __m256 half_sum(V v) { return v; }
 template <int M> struct DecodeNR { static constexpr int value = M <= 2 ? 4 : M == 3 ? 3 : M <= 6 ? 2 : 1; };
+template <int M> struct DecodeNR4 { static constexpr int value = M <= 1 ? 3 : M <= 3 ? 2 : 1; };
 constexpr int NT_MR = 3, NT_NR = 3;
 constexpr int NN_MR = 6, NN_NRV = 2;   // 6 rows x 16 columns
 #endif
 
 static inline float tof(float v) { return v; }
 static inline float tof(uint16_t v) { return _cvtsh_ss(v); }
+static inline float tof(int8_t v) { return static_cast<float>(v); }
+static inline int q4_high(int8_t b) { return b >> 4; }                             // the even column
+static inline int q4_low(int8_t b) { return static_cast<int8_t>(b << 4) >> 4; }    // the odd column
 
 // Sum of each of 4 vectors -> one __m128 {sum(a), sum(b), sum(c), sum(d)}.
 static inline __m128 sum4(V a, V b, V c, V d) {
@@ -404,6 +485,15 @@ static inline float sum1(V a) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// s[r] = the sum of acc[r]'s lanes.
+template <int NR>
+static inline void row_sums(const V* acc, float* s) {
+#pragma GCC unroll 8
+  for (int r = 0; r < NR / 4 * 4; r += 4) _mm_storeu_ps(s + r, sum4(acc[r], acc[r + 1], acc[r + 2], acc[r + 3]));
+#pragma GCC unroll 8
+  for (int r = NR / 4 * 4; r < NR; ++r) s[r] = sum1(acc[r]);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -432,12 +522,7 @@ static void dot_tile(const float* x, int64_t ldx, const WT* w, int64_t ldw, int6
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     float s[NR];
-#pragma GCC unroll 8
-    for (int r = 0; r < NR / 4 * 4; r += 4) {
-      _mm_storeu_ps(s + r, sum4(acc[m][r], acc[m][r + 1], acc[m][r + 2], acc[m][r + 3]));
-    }
-#pragma GCC unroll 8
-    for (int r = NR / 4 * 4; r < NR; ++r) s[r] = sum1(acc[m][r]);
+    row_sums<NR>(acc[m], s);
     for (int64_t k = kv; k < K; ++k) {
       const float xk = x[m * ldx + k];
       for (int q = 0; q < NR; ++q) s[q] += xk * tof(w[q * ldw + k]);
@@ -468,19 +553,94 @@ static void nt_decode_part(const Problem& p, int chunk, int chunks) {
   for (; n < n1; ++n) dot_tile<M, 1, WT>(p.x, p.ldx, w + n * p.K, p.K, p.K, p.out + n, p.N, false);
 }
 
+// f(std::integral_constant<int, M>) for the decode row counts 1 … 8.
+template <typename F>
+static inline void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 6: f(std::integral_constant<int, 6>()); break;
+    case 7: f(std::integral_constant<int, 7>()); break;
+    default: f(std::integral_constant<int, 8>()); break;
+  }
+}
+
 template <typename WT>
 static void nt_decode_job(void* ctx, int chunk, int chunks) {
   const Problem& p = static_cast<Ctx*>(ctx)->p;
-  switch (p.M) {
-    case 1: nt_decode_part<1, WT>(p, chunk, chunks); break;
-    case 2: nt_decode_part<2, WT>(p, chunk, chunks); break;
-    case 3: nt_decode_part<3, WT>(p, chunk, chunks); break;
-    case 4: nt_decode_part<4, WT>(p, chunk, chunks); break;
-    case 5: nt_decode_part<5, WT>(p, chunk, chunks); break;
-    case 6: nt_decode_part<6, WT>(p, chunk, chunks); break;
-    case 7: nt_decode_part<7, WT>(p, chunk, chunks); break;
-    default: nt_decode_part<8, WT>(p, chunk, chunks); break;
+  with_rows(p.M, [&](auto m) { nt_decode_part<decltype(m)::value, WT>(p, chunk, chunks); });
+}
+
+// ----------------------------------- quantized, M <= 8 (decode) -------------------------------------
+// int4 tile: out[m][r] = sum_k x[m][k] * q[r][k], q's rows ldw bytes apart, x's 2·VW-column blocks permuted
+// (even columns, then odd ones) up to the K % (2·VW) tail.
+template <int MR, int NR>
+static void dot_tile_q4(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t K, float* out,
+                        int64_t ldo) {
+  V acc[MR][NR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) acc[m][r] = vzero();
+  const int64_t kv = K - K % (2 * VW);
+  for (int64_t k = 0; k < kv; k += 2 * VW) {
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      V even, odd;
+      vload_q4(w + r * ldw + k / 2, &even, &odd);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        acc[m][r] = vfma(vload(x + m * ldx + k), even, acc[m][r]);
+        acc[m][r] = vfma(vload(x + m * ldx + k + VW), odd, acc[m][r]);
+      }
+    }
   }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    float s[NR];
+    row_sums<NR>(acc[m], s);
+    for (int64_t k = kv; k < K; k += 2) {
+      for (int q = 0; q < NR; ++q) {
+        const int8_t b = w[q * ldw + k / 2];
+        s[q] += x[m * ldx + k] * q4_high(b) + x[m * ldx + k + 1] * q4_low(b);
+      }
+    }
+    for (int q = 0; q < NR; ++q) out[m * ldo + q] = s[q];
+  }
+}
+
+template <int M, int NR, int BITS>
+static inline void q_tile(const Problem& p, const int8_t* w, int64_t ldw, float* out) {
+  if constexpr (BITS == 8) {
+    dot_tile<M, NR, int8_t>(p.x, p.ldx, w, ldw, p.K, out, p.N, false);
+  } else {
+    dot_tile_q4<M, NR>(p.x, p.ldx, w, ldw, p.K, out, p.N);
+  }
+}
+
+template <int M, int BITS>
+static void q_decode_part(const Problem& p, int chunk, int chunks) {
+  constexpr int NR = BITS == 8 ? DecodeNR<M>::value : DecodeNR4<M>::value;
+  int64_t n0, n1;
+  vg::split_range(p.N, NR, chunk, chunks, &n0, &n1);
+  const int8_t* w = static_cast<const int8_t*>(p.w);
+  const int64_t ldw = p.K * BITS / 8;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) q_tile<M, NR, BITS>(p, w + n * ldw, ldw, p.out + n);
+  for (; n < n1; ++n) q_tile<M, 1, BITS>(p, w + n * ldw, ldw, p.out + n);
+  for (int m = 0; m < M; ++m) {   // the row scales, once per output
+    float* o = p.out + m * p.N;
+    for (n = n0; n < n1; ++n) o[n] *= tof(p.scale[n]);
+  }
+}
+
+template <int BITS>
+static void q_decode_job(void* ctx, int chunk, int chunks) {
+  const Problem& p = static_cast<Ctx*>(ctx)->p;
+  with_rows(p.M, [&](auto m) { q_decode_part<decltype(m)::value, BITS>(p, chunk, chunks); });
 }
 
 // ----------------------------------- nt layout, M > 8 (prefill) -------------------------------------
@@ -521,12 +681,63 @@ static void convert_rows(const WT* w, int64_t ldw, int64_t rows, int64_t cols, f
   }
 }
 
+// The weights of the nt prefill: where row n, column k starts, how many bytes cols columns take, and the
+// conversion of a block of rows x columns into fp32.
 template <typename WT>
+struct FloatRows {
+  const WT* w;
+  int64_t K;
+  explicit FloatRows(const Problem& p) : w(static_cast<const WT*>(p.w)), K(p.K) {}
+  const char* at(int64_t n, int64_t k) const { return reinterpret_cast<const char*>(w + n * K + k); }
+  static int64_t bytes(int64_t cols) { return cols * int64_t(sizeof(WT)); }
+  void convert(int64_t n, int64_t rows, int64_t kc, int64_t cols, float* dst, int64_t ldd) const {
+    convert_rows<WT>(w + n * K + kc, K, rows, cols, dst, ldd);
+  }
+};
+
+// Quantized rows, converted times their scale; int4 blocks come out in x's permuted column order.
+template <int BITS>
+struct QuantRows {
+  const int8_t* w;
+  const uint16_t* scale;
+  int64_t K, ldw;
+  explicit QuantRows(const Problem& p)
+      : w(static_cast<const int8_t*>(p.w)), scale(p.scale), K(p.K), ldw(p.K * BITS / 8) {}
+  const char* at(int64_t n, int64_t k) const { return reinterpret_cast<const char*>(w + n * ldw + k * BITS / 8); }
+  static int64_t bytes(int64_t cols) { return cols * BITS / 8; }
+  void convert(int64_t n, int64_t rows, int64_t kc, int64_t cols, float* dst, int64_t ldd) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float s = tof(scale[n + r]);
+      const V sv = vset1(s);
+      const int8_t* src = w + (n + r) * ldw;
+      float* d = dst + r * ldd;
+      int64_t c = 0;
+      if constexpr (BITS == 8) {
+        for (; c + VW <= cols; c += VW) vstore(d + c, vmul(vloadw(src + kc + c), sv));
+        for (; c < cols; ++c) d[c] = tof(src[kc + c]) * s;
+      } else {  // kc is a multiple of 2·VW and cols even
+        for (; c + 2 * VW <= cols && kc + c + 2 * VW <= K; c += 2 * VW) {
+          V even, odd;
+          vload_q4(src + (kc + c) / 2, &even, &odd);
+          vstore(d + c, vmul(even, sv));
+          vstore(d + c + VW, vmul(odd, sv));
+        }
+        for (; c < cols; c += 2) {
+          const int8_t b = src[(kc + c) / 2];
+          d[c] = q4_high(b) * s;
+          d[c + 1] = q4_low(b) * s;
+        }
+      }
+    }
+  }
+};
+
+template <typename Src>
 static void nt_prefill_job(void* ctx, int chunk, int chunks) {
   const Problem& p = static_cast<Ctx*>(ctx)->p;
   int64_t n0, n1;
   vg::split_range(p.N, NT_NR, chunk, chunks, &n0, &n1);
-  const WT* w = static_cast<const WT*>(p.w);
+  const Src src(p);
   const int64_t ldb = vg::padded_stride(NT_KC);
   float* buf = vg::scratch(1, static_cast<size_t>(NT_NB) * ldb);
   if (!buf) {
@@ -539,15 +750,15 @@ static void nt_prefill_job(void* ctx, int chunk, int chunks) {
     const int64_t kl = p.K - kc < NT_KC ? p.K - kc : NT_KC;
     for (int64_t nb = n0; nb < n1; nb += NT_NB) {
       const int64_t nbl = n1 - nb < NT_NB ? n1 - nb : NT_NB;
-      convert_rows<WT>(w + nb * p.K + kc, p.K, nbl, kl, buf, ldb);  // fp32 copy, padded stride
+      src.convert(nb, nbl, kc, kl, buf, ldb);  // fp32 copy, padded stride
       // The next block's weights are fetched into L2 while this one is multiplied, a few rows per x tile.
       int64_t next_nb = nb + NT_NB, next_kc = kc;
       if (next_nb >= n1) next_nb = n0, next_kc = kc + NT_KC;
       const int64_t next_rows = next_kc < p.K ? (n1 - next_nb < NT_NB ? n1 - next_nb : NT_NB) : 0;
-      const int64_t next_bytes = (p.K - next_kc < NT_KC ? p.K - next_kc : NT_KC) * int64_t(sizeof(WT));
+      const int64_t next_bytes = Src::bytes(p.K - next_kc < NT_KC ? p.K - next_kc : NT_KC);
       for (int64_t m = 0, tile = 0; m < p.M; m += NT_MR, ++tile) {
         for (int64_t r = next_rows * tile / mtiles; r < next_rows * (tile + 1) / mtiles; ++r) {
-          const char* row = reinterpret_cast<const char*>(w + (next_nb + r) * p.K + next_kc);
+          const char* row = src.at(next_nb + r, next_kc);
           for (int64_t b = 0; b < next_bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
         }
         const int mr = static_cast<int>(p.M - m < NT_MR ? p.M - m : int64_t(NT_MR));
@@ -624,16 +835,7 @@ static void nn_decode_part(const Problem& p, int chunk, int chunks) {
 template <typename WT>
 static void nn_decode_job(void* ctx, int chunk, int chunks) {
   const Problem& p = static_cast<Ctx*>(ctx)->p;
-  switch (p.M) {
-    case 1: nn_decode_part<1, WT>(p, chunk, chunks); break;
-    case 2: nn_decode_part<2, WT>(p, chunk, chunks); break;
-    case 3: nn_decode_part<3, WT>(p, chunk, chunks); break;
-    case 4: nn_decode_part<4, WT>(p, chunk, chunks); break;
-    case 5: nn_decode_part<5, WT>(p, chunk, chunks); break;
-    case 6: nn_decode_part<6, WT>(p, chunk, chunks); break;
-    case 7: nn_decode_part<7, WT>(p, chunk, chunks); break;
-    default: nn_decode_part<8, WT>(p, chunk, chunks); break;
-  }
+  with_rows(p.M, [&](auto m) { nn_decode_part<decltype(m)::value, WT>(p, chunk, chunks); });
 }
 
 // ----------------------------------- nn layout, M > 8 (prefill) -------------------------------------
@@ -738,6 +940,31 @@ static void nn_prefill_job(void* ctx, int chunk, int chunks) {
 }
 
 // ------------------------------------------- dispatch ----------------------------------------------
+// Copies x into the calling thread's scratch at a stride that spreads its rows over L1 sets (M >= 2), int4's in
+// permuted column order (always). False when no buffer could be had.
+static bool stage_x(Problem* p) {
+  const bool permute = p->bits == 4;
+  if (p->M < 2 && !permute) return true;
+  const int64_t ldx = vg::padded_stride(p->K);
+  float* xb = vg::scratch(0, static_cast<size_t>(p->M) * ldx);
+  if (!xb) return false;
+  const int64_t kv = permute ? p->K - p->K % (2 * VW) : 0;
+  for (int64_t m = 0; m < p->M; ++m) {
+    const float* s = p->x + m * p->K;
+    float* d = xb + m * ldx;
+    for (int64_t k = 0; k < kv; k += 2 * VW) {
+      for (int j = 0; j < VW; ++j) {
+        d[k + j] = s[k + 2 * j];
+        d[k + VW + j] = s[k + 2 * j + 1];
+      }
+    }
+    memcpy(d + kv, s + kv, sizeof(float) * (p->K - kv));
+  }
+  p->x = xb;
+  p->ldx = ldx;
+  return true;
+}
+
 static int linear(const Problem& p, bool nt) {
   if (p.M == 0 || p.N == 0) return 0;
   if (p.K == 0) {
@@ -746,14 +973,7 @@ static int linear(const Problem& p, bool nt) {
   }
   Ctx ctx;
   ctx.p = p;
-  if (p.M >= 2) {  // x's rows at a stride that spreads them over L1 sets
-    const int64_t ldx = vg::padded_stride(p.K);
-    float* xb = vg::scratch(0, static_cast<size_t>(p.M) * ldx);
-    if (!xb) return 2;
-    for (int64_t m = 0; m < p.M; ++m) memcpy(xb + m * ldx, p.x + m * p.K, sizeof(float) * p.K);
-    ctx.p.x = xb;
-    ctx.p.ldx = ldx;
-  }
+  if (!stage_x(&ctx.p)) return 2;
   const double flops = 2.0 * p.M * p.N * p.K;
   vg::JobFn fn;
   int64_t units;  // smallest pieces of N worth giving a thread
@@ -766,13 +986,38 @@ static int linear(const Problem& p, bool nt) {
       units = p.N / (2 * VW);
     }
   } else if (nt) {
-    fn = p.w_half ? &nt_prefill_job<uint16_t> : &nt_prefill_job<float>;
+    fn = p.w_half ? &nt_prefill_job<FloatRows<uint16_t>> : &nt_prefill_job<FloatRows<float>>;
     units = p.N / NT_NR;
   } else {
     fn = p.w_half ? &nn_prefill_job<uint16_t> : &nn_prefill_job<float>;
     units = p.N / NN_NR;
   }
   vg::pool()->run(vg::chunks_for(flops, units), fn, &ctx);
+  return ctx.failed.load() ? 2 : 0;
+}
+
+// Quantized weights ([N, K·bits/8], nt layout only): decode tiles for M <= 8 (scales applied to the outputs),
+// the nt prefill on blocks dequantized into fp32 otherwise.
+static int qlinear(const Problem& p) {
+  if (p.M == 0 || p.N == 0) return 0;
+  if (p.K == 0) {
+    memset(p.out, 0, sizeof(float) * p.M * p.N);
+    return 0;
+  }
+  Ctx ctx;
+  ctx.p = p;
+  if (!stage_x(&ctx.p)) return 2;
+  const bool int8 = p.bits == 8;
+  vg::JobFn fn;
+  int64_t units;
+  if (p.M <= 8) {
+    fn = int8 ? &q_decode_job<8> : &q_decode_job<4>;
+    units = p.N / 16;
+  } else {
+    fn = int8 ? &nt_prefill_job<QuantRows<8>> : &nt_prefill_job<QuantRows<4>>;
+    units = p.N / NT_NR;
+  }
+  vg::pool()->run(vg::chunks_for(2.0 * p.M * p.N * p.K, units), fn, &ctx);
   return ctx.failed.load() ? 2 : 0;
 }
 
