@@ -2,11 +2,12 @@
 custom op.
 
 `linear_cpu.cc` is compiled with the system C++ compiler on first use into a cache folder and called through
-`ops.Custom(func_type="aot")`, in GRAPH mode and in PyNative. Two code paths live in the one library, AVX-512
-(F + F16C) and AVX2 + FMA + F16C; the CPU's features decide at run time which one runs.
+`ops.Custom(func_type="aot")`, in GRAPH mode and in PyNative. Three code paths live in the one library, AVX-512 VNNI
+(AVX-512 with BW and VNNI: quantized decode products on int16 x, see linear_cpu.cc), AVX-512 (F + F16C) and
+AVX2 + FMA + F16C; the CPU's features decide at run time which one runs.
 
 Public API:
-    kernel_path() -> "avx512" | "avx2" | None
+    kernel_path() -> "avx512vnni" | "avx512" | "avx2" | None
     linear_op(transpose_b, *, path=None) -> primitive | None: op(x [..., K] float32, w) -> [..., N] float32 with
         w [N, K] (transpose_b=True, torch Linear layout) or [K, N] (transpose_b=False), float16 or float32 (a
         Parameter as stored: no cast, no copy). `path` forces one of the CPU's paths (tests, benchmarks).
@@ -16,7 +17,7 @@ Public API:
         more rows dequantize weight blocks into float32 (the fp16 prefill path). Inference only (no bprop).
 
 Environment:
-    VISUALGLM_CPU_KERNEL     auto (default) | avx512 | avx2 | off. A path this CPU lacks falls back to the best
+    VISUALGLM_CPU_KERNEL     auto (default) | avx512vnni | avx512 | avx2 | off. A path this CPU lacks falls back to the best
                              available one, with a warning (the one log line says so); any other value is a
                              ValueError from kernel_path().
     CXX                      the compiler (default g++).
@@ -50,9 +51,9 @@ __all__ = ["kernel_path", "linear_op", "quantized_linear_op"]
 SOURCE = Path(__file__).resolve().with_name("linear_cpu.cc")
 ABI_VERSION = 2
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-w")
-PATHS = ("avx512", "avx2")
+PATHS = ("avx512vnni", "avx512", "avx2")
 _ENV_CHOICES = ("auto", "off") + PATHS
-_FEATURE_BITS = {"avx2": 1, "avx512": 2}
+_FEATURE_BITS = {"avx2": 1, "avx512": 2, "avx512vnni": 4}
 
 logger = logging.getLogger("visualglm.kernels")
 
@@ -259,9 +260,9 @@ def _resolve():
 
 
 def kernel_path():
-    """The kernel path this process uses ("avx512", "avx2"), or None when it uses MindSpore's MatMul.
+    """The kernel path this process uses ("avx512vnni", "avx512", "avx2"), or None when it uses MindSpore's MatMul.
     The first call builds/loads the library and logs the decision; later calls return the cached answer.
-    Raises ValueError only for a VISUALGLM_CPU_KERNEL value that is not one of auto/avx512/avx2/off."""
+    Raises ValueError only for a VISUALGLM_CPU_KERNEL value that is not one of auto/avx512vnni/avx512/avx2/off."""
     with _lock:
         if not _resolved:
             _resolve()
@@ -274,7 +275,7 @@ def linear_op(transpose_b=True, *, path=None):
     Works in GRAPH mode (inside a Cell's construct) and in PyNative, and has a bprop (dx by the kernel, dW by
     MindSpore's MatMul). Other dtypes or mismatched shapes raise TypeError/ValueError at shape inference (graph
     compile, or the eager call). One primitive per (path, layout), cached.
-    `path` ("avx512"/"avx2", for tests and benchmarks) runs that path instead of kernel_path()'s; ValueError if
+    `path` (one of PATHS, for tests and benchmarks) runs that path instead of kernel_path()'s; ValueError if
     this CPU cannot run it."""
     chosen = kernel_path()
     if chosen is None:
