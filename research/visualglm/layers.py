@@ -102,15 +102,19 @@ class QuantizedLinear(nn.Cell):
             values = ops.stack((high, low), axis=-1).reshape(self.out_channels, self.in_channels)
         return values.astype(ms.float32) * self.weight_scale.astype(ms.float32).reshape(-1, 1)
 
-    def construct(self, x):
-        out_shape = x.shape[:-1] + (self.out_channels,)
-        x = x.reshape(-1, self.in_channels).astype(ms.float32)
+    def product(self, x):
+        """x [M, in] float32 -> x·Wᵀ + b [M, out] float32."""
         if self.kernel is not None and not self.training:
             y = self.kernel(x, self.weight, self.weight_scale)
         else:
             y = self.matmul(x, self.dequantized())
         if self.has_bias:
             y = ops.bias_add(y, self.bias.astype(ms.float32))
+        return y
+
+    def construct(self, x):
+        out_shape = x.shape[:-1] + (self.out_channels,)
+        y = self.product(x.reshape(-1, self.in_channels).astype(ms.float32))
         return y.astype(self.compute_dtype).reshape(out_shape)
 
 
