@@ -277,6 +277,12 @@ def linear_op(transpose_b=True, *, path=None):
     compile, or the eager call). One primitive per (path, layout), cached.
     `path` (one of PATHS, for tests and benchmarks) runs that path instead of kernel_path()'s; ValueError if
     this CPU cannot run it."""
+    return _cached_op(path, ("float", bool(transpose_b)), lambda chosen: _make_op(chosen, bool(transpose_b)))
+
+
+def _cached_op(path, key, make):
+    """The primitive make(path) for `path` (default: kernel_path()'s), made once per (path, key); None without a
+    kernel; ValueError for a path this CPU cannot run."""
     chosen = kernel_path()
     if chosen is None:
         return None
@@ -284,11 +290,10 @@ def linear_op(transpose_b=True, *, path=None):
         path = chosen
     elif path not in _available:
         raise ValueError(f"CPU linear kernel path {path!r} is not available here (available: {_available})")
-    key = (path, bool(transpose_b))
     with _lock:
-        if key not in _ops:
-            _ops[key] = _make_op(path, bool(transpose_b))
-        return _ops[key]
+        if (path,) + key not in _ops:
+            _ops[(path,) + key] = make(path)
+        return _ops[(path,) + key]
 
 
 def quantized_linear_op(bits, *, path=None):
@@ -298,18 +303,7 @@ def quantized_linear_op(bits, *, path=None):
     linear_op."""
     if bits not in (8, 4):
         raise ValueError(f"quantized CPU kernel: bits must be 8 or 4, got {bits!r}")
-    chosen = kernel_path()
-    if chosen is None:
-        return None
-    if path is None:
-        path = chosen
-    elif path not in _available:
-        raise ValueError(f"CPU linear kernel path {path!r} is not available here (available: {_available})")
-    key = (path, "int", bits)
-    with _lock:
-        if key not in _ops:
-            _ops[key] = _make_quantized_op(path, bits)
-        return _ops[key]
+    return _cached_op(path, ("int", bits), lambda chosen: _make_quantized_op(chosen, bits))
 
 
 def _make_quantized_op(path, bits):

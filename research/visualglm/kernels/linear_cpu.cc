@@ -382,30 +382,24 @@ int vg_num_threads(void) { return vg::pool()->size(); }
 
 int vg_abi_version(void) { return 2; }
 
-#define VG_EXPORT(name, ns, nt)                                                                          \
+// An entry point: parse the arguments (the expression `parsed`, which fills p), then the product.
+#define VG_ENTRY(name, ns, parsed, nt)                                                                   \
   int name(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,   \
            void* extra) {                                                                                \
     (void)stream;                                                                                        \
     (void)extra;                                                                                         \
     vg::Problem p;                                                                                       \
-    if (!vg::parse(nparam, params, ndims, shapes, dtypes, nt, &p)) return 1;                             \
+    if (!(parsed)) return 1;                                                                             \
     return ns::linear(p, nt);                                                                            \
   }
+#define VG_EXPORT(name, ns, nt) VG_ENTRY(name, ns, vg::parse(nparam, params, ndims, shapes, dtypes, nt, &p), nt)
+#define VG_EXPORT_Q(name, ns, bits) \
+  VG_ENTRY(name, ns, vg::parse_quantized(nparam, params, ndims, shapes, dtypes, bits, &p), true)
 
 VG_EXPORT(vg_linear_nt_avx512, vg_avx512, true)
 VG_EXPORT(vg_linear_nn_avx512, vg_avx512, false)
 VG_EXPORT(vg_linear_nt_avx2, vg_avx2, true)
 VG_EXPORT(vg_linear_nn_avx2, vg_avx2, false)
-
-#define VG_EXPORT_Q(name, ns, bits)                                                                      \
-  int name(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,   \
-           void* extra) {                                                                                \
-    (void)stream;                                                                                        \
-    (void)extra;                                                                                         \
-    vg::Problem p;                                                                                       \
-    if (!vg::parse_quantized(nparam, params, ndims, shapes, dtypes, bits, &p)) return 1;                 \
-    return ns::qlinear(p);                                                                               \
-  }
 
 VG_EXPORT_Q(vg_qlinear8_avx512, vg_avx512, 8)
 VG_EXPORT_Q(vg_qlinear4_avx512, vg_avx512, 4)
@@ -513,6 +507,15 @@ static inline float sum1(V a) {
   return _mm_cvtss_f32(s);
 }
 
+// Every register of an accumulator tile set to v.
+template <typename T, int MR, int NR>
+static inline void fill(T (&tile)[MR][NR], T v) {
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) tile[m][r] = v;
+}
+
 // s[r] = the sum of acc[r]'s lanes.
 template <int NR>
 static inline void row_sums(const V* acc, float* s) {
@@ -529,10 +532,7 @@ template <int MR, int NR, typename WT>
 static void dot_tile(const float* x, int64_t ldx, const WT* w, int64_t ldw, int64_t K, float* out, int64_t ldo,
                      bool accumulate) {
   V acc[MR][NR];
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) acc[m][r] = vzero();
+  fill(acc, vzero());
   const int64_t kv = K - K % VW;
   for (int64_t k = 0; k < kv; k += VW) {
     V wv[NR];
@@ -607,10 +607,7 @@ template <int MR, int NR>
 static void dot_tile_q4(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t K, float* out,
                         int64_t ldo) {
   V acc[MR][NR];
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) acc[m][r] = vzero();
+  fill(acc, vzero());
   const int64_t kv = K - K % (2 * VW);
   for (int64_t k = 0; k < kv; k += 2 * VW) {
 #pragma GCC unroll 8
@@ -638,39 +635,8 @@ static void dot_tile_q4(const float* x, int64_t ldx, const int8_t* w, int64_t ld
   }
 }
 
-template <int M, int NR, int BITS>
-static inline void q_tile(const Problem& p, const int8_t* w, int64_t ldw, float* out) {
-  if constexpr (BITS == 8) {
-    dot_tile<M, NR, int8_t>(p.x, p.ldx, w, ldw, p.K, out, p.N, false);
-  } else {
-    dot_tile_q4<M, NR>(p.x, p.ldx, w, ldw, p.K, out, p.N);
-  }
-}
-
-template <int M, int BITS>
-static void q_decode_part(const Problem& p, int chunk, int chunks) {
-  constexpr int NR = BITS == 8 ? DecodeNR<M>::value : DecodeNR4<M>::value;
-  int64_t n0, n1;
-  vg::split_range(p.N, NR, chunk, chunks, &n0, &n1);
-  const int8_t* w = static_cast<const int8_t*>(p.w);
-  const int64_t ldw = p.K * BITS / 8;
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) q_tile<M, NR, BITS>(p, w + n * ldw, ldw, p.out + n);
-  for (; n < n1; ++n) q_tile<M, 1, BITS>(p, w + n * ldw, ldw, p.out + n);
-  for (int m = 0; m < M; ++m) {   // the row scales, once per output
-    float* o = p.out + m * p.N;
-    for (n = n0; n < n1; ++n) o[n] *= tof(p.scale[n]);
-  }
-}
-
-template <int BITS>
-static void q_decode_job(void* ctx, int chunk, int chunks) {
-  const Problem& p = static_cast<Ctx*>(ctx)->p;
-  with_rows(p.M, [&](auto m) { q_decode_part<decltype(m)::value, BITS>(p, chunk, chunks); });
-}
-
 #ifdef VG_VNNI
-// ------------------------------ quantized, M <= 8, int16 x on VNNI (decode) ------------------------------
+// ------------------------- quantized, M <= 8, int16 x on VNNI: q_tile's tiles there -------------------------
 // Steps of 64 columns: 64 int8 weights (two 32-byte loads) or 64 int4 ones (one; high nibbles = even columns,
 // low = odd, met by x's even then odd columns, as stage_xq lays them out) sign-extended to int16 and multiplied
 // with x's int16 pairs into int32 lanes. The lanes go into float accumulators every VNNI_FLUSH columns, before
@@ -693,18 +659,12 @@ static inline void vnni_weights(const int8_t* row, int64_t k, __m512i* first, __
 template <int MR, int NR, int BITS>
 static void vnni_tile(const Problem& p, const int8_t* w, int64_t ldw, float* out) {
   V facc[MR][NR];
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) facc[m][r] = vzero();
+  fill(facc, vzero());
   const int64_t kv = p.K - p.K % VNNI_STEP;
   for (int64_t k0 = 0; k0 < kv; k0 += VNNI_FLUSH) {
     const int64_t k1 = kv - k0 < VNNI_FLUSH ? kv : k0 + VNNI_FLUSH;
     __m512i acc[MR][NR];
-#pragma GCC unroll 8
-    for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 8
-      for (int r = 0; r < NR; ++r) acc[m][r] = _mm512_setzero_si512();
+    fill(acc, _mm512_setzero_si512());
     for (int64_t k = k0; k < k1; k += VNNI_STEP) {
 #pragma GCC unroll 8
       for (int r = 0; r < NR; ++r) {
@@ -742,28 +702,6 @@ static void vnni_tile(const Problem& p, const int8_t* w, int64_t ldw, float* out
   }
 }
 
-template <int M, int BITS>
-static void vnni_decode_part(const Problem& p, int chunk, int chunks) {
-  constexpr int NR = DecodeNRV<M>::value;
-  int64_t n0, n1;
-  vg::split_range(p.N, NR, chunk, chunks, &n0, &n1);
-  const int8_t* w = static_cast<const int8_t*>(p.w);
-  const int64_t ldw = p.K * BITS / 8;
-  int64_t n = n0;
-  for (; n + NR <= n1; n += NR) vnni_tile<M, NR, BITS>(p, w + n * ldw, ldw, p.out + n);
-  for (; n < n1; ++n) vnni_tile<M, 1, BITS>(p, w + n * ldw, ldw, p.out + n);
-  for (int m = 0; m < M; ++m) {
-    float* o = p.out + m * p.N;
-    for (n = n0; n < n1; ++n) o[n] *= tof(p.scale[n]);
-  }
-}
-
-template <int BITS>
-static void vnni_decode_job(void* ctx, int chunk, int chunks) {
-  const Problem& p = static_cast<Ctx*>(ctx)->p;
-  with_rows(p.M, [&](auto m) { vnni_decode_part<decltype(m)::value, BITS>(p, chunk, chunks); });
-}
-
 // x (M <= 8 rows) rounded to int16 in the calling thread's scratch: per row scale max|x| / 32767, int4's
 // 64-column blocks with their even columns first. False when no buffer could be had.
 static bool stage_xq(Problem* p) {
@@ -796,6 +734,46 @@ static bool stage_xq(Problem* p) {
   return true;
 }
 #endif  // VG_VNNI
+
+template <int M, int NR, int BITS>
+static inline void q_tile(const Problem& p, const int8_t* w, int64_t ldw, float* out) {
+#ifdef VG_VNNI
+  vnni_tile<M, NR, BITS>(p, w, ldw, out);
+#else
+  if constexpr (BITS == 8) {
+    dot_tile<M, NR, int8_t>(p.x, p.ldx, w, ldw, p.K, out, p.N, false);
+  } else {
+    dot_tile_q4<M, NR>(p.x, p.ldx, w, ldw, p.K, out, p.N);
+  }
+#endif
+}
+
+template <int M, int BITS>
+static void q_decode_part(const Problem& p, int chunk, int chunks) {
+#ifdef VG_VNNI
+  constexpr int NR = DecodeNRV<M>::value;
+#else
+  constexpr int NR = BITS == 8 ? DecodeNR<M>::value : DecodeNR4<M>::value;
+#endif
+  int64_t n0, n1;
+  vg::split_range(p.N, NR, chunk, chunks, &n0, &n1);
+  const int8_t* w = static_cast<const int8_t*>(p.w);
+  const int64_t ldw = p.K * BITS / 8;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) q_tile<M, NR, BITS>(p, w + n * ldw, ldw, p.out + n);
+  for (; n < n1; ++n) q_tile<M, 1, BITS>(p, w + n * ldw, ldw, p.out + n);
+  for (int m = 0; m < M; ++m) {   // the row scales, once per output
+    float* o = p.out + m * p.N;
+    for (n = n0; n < n1; ++n) o[n] *= tof(p.scale[n]);
+  }
+}
+
+template <int BITS>
+static void q_decode_job(void* ctx, int chunk, int chunks) {
+  const Problem& p = static_cast<Ctx*>(ctx)->p;
+  with_rows(p.M, [&](auto m) { q_decode_part<decltype(m)::value, BITS>(p, chunk, chunks); });
+}
+
 
 // ----------------------------------- nt layout, M > 8 (prefill) -------------------------------------
 // Per thread: its weight rows in blocks of NB rows x KC columns (converted to fp32 if fp16); every MR-row
@@ -1119,6 +1097,8 @@ static bool stage_x(Problem* p) {
   return true;
 }
 
+// Float weights in either layout, or quantized ones ([N, K·bits/8], nt layout only: decode tiles on the integers
+// for M <= 8 with the scales applied to the outputs, the nt prefill on blocks dequantized into fp32 otherwise).
 static int linear(const Problem& p, bool nt) {
   if (p.M == 0 || p.N == 0) return 0;
   if (p.K == 0) {
@@ -1127,18 +1107,29 @@ static int linear(const Problem& p, bool nt) {
   }
   Ctx ctx;
   ctx.p = p;
-  if (!stage_x(&ctx.p)) return 2;
+#ifdef VG_VNNI
+  const bool staged = p.bits && p.M <= 8 ? stage_xq(&ctx.p) : stage_x(&ctx.p);
+#else
+  const bool staged = stage_x(&ctx.p);
+#endif
+  if (!staged) return 2;
   const double flops = 2.0 * p.M * p.N * p.K;
   vg::JobFn fn;
   int64_t units;  // smallest pieces of N worth giving a thread
   if (p.M <= 8) {
-    if (nt) {
+    if (p.bits) {
+      fn = p.bits == 8 ? &q_decode_job<8> : &q_decode_job<4>;
+      units = p.N / 16;
+    } else if (nt) {
       fn = p.w_half ? &nt_decode_job<uint16_t> : &nt_decode_job<float>;
       units = p.N / 16;
     } else {
       fn = p.w_half ? &nn_decode_job<uint16_t> : &nn_decode_job<float>;
       units = p.N / (2 * VW);
     }
+  } else if (p.bits) {
+    fn = p.bits == 8 ? &nt_prefill_job<QuantRows<8>> : &nt_prefill_job<QuantRows<4>>;
+    units = p.N / NT_NR;
   } else if (nt) {
     fn = p.w_half ? &nt_prefill_job<FloatRows<uint16_t>> : &nt_prefill_job<FloatRows<float>>;
     units = p.N / NT_NR;
@@ -1147,39 +1138,6 @@ static int linear(const Problem& p, bool nt) {
     units = p.N / NN_NR;
   }
   vg::pool()->run(vg::chunks_for(flops, units), fn, &ctx);
-  return ctx.failed.load() ? 2 : 0;
-}
-
-// Quantized weights ([N, K·bits/8], nt layout only): decode tiles for M <= 8 (scales applied to the outputs),
-// the nt prefill on blocks dequantized into fp32 otherwise.
-static int qlinear(const Problem& p) {
-  if (p.M == 0 || p.N == 0) return 0;
-  if (p.K == 0) {
-    memset(p.out, 0, sizeof(float) * p.M * p.N);
-    return 0;
-  }
-  Ctx ctx;
-  ctx.p = p;
-  const bool int8 = p.bits == 8;
-  vg::JobFn fn;
-  int64_t units;
-#ifdef VG_VNNI
-  if (p.M <= 8) {
-    if (!stage_xq(&ctx.p)) return 2;
-    vg::pool()->run(vg::chunks_for(2.0 * p.M * p.N * p.K, p.N / 16), int8 ? &vnni_decode_job<8> : &vnni_decode_job<4>,
-                    &ctx);
-    return 0;
-  }
-#endif
-  if (!stage_x(&ctx.p)) return 2;
-  if (p.M <= 8) {
-    fn = int8 ? &q_decode_job<8> : &q_decode_job<4>;
-    units = p.N / 16;
-  } else {
-    fn = int8 ? &nt_prefill_job<QuantRows<8>> : &nt_prefill_job<QuantRows<4>>;
-    units = p.N / NT_NR;
-  }
-  vg::pool()->run(vg::chunks_for(2.0 * p.M * p.N * p.K, units), fn, &ctx);
   return ctx.failed.load() ? 2 : 0;
 }
 
