@@ -19,6 +19,7 @@ import numpy as np
 from visualglm.errors import UserError
 
 BITS = (0, 8, 4)
+BLOCK_ELEMENTS = 1 << 18   # quantize() works on blocks of rows of about this many weights
 SCALE_SUFFIX = "_scale"
 # A GLM Linear weight that quantization replaces, with or without the whole model's `llm_model.` prefix.
 QUANTIZED_WEIGHT = re.compile(r"^(llm_model\.)?transformer\.layers\.\d+\."
@@ -49,17 +50,26 @@ def quantized_shape(shape, bits):
 
 
 def quantize(weight, bits):
-    """(q int8 [N, K·bits/8], scale float16 [N]) of a float weight [N, K] (float16 or float32)."""
+    """(q int8 [N, K·bits/8], scale float16 [N]) of a float weight [N, K] (float16 or float32), in blocks of rows:
+    the float32 temporaries stay a few MB whatever the weight's size (the converter's peak memory)."""
     weight = np.asarray(weight)
     if weight.ndim != 2 or weight.dtype not in (np.float16, np.float32):
         raise ValueError(f"expected a float16/float32 weight [N, K], got {weight.dtype} {weight.shape}")
-    quantized_shape(weight.shape, bits)
+    q = np.empty(quantized_shape(weight.shape, bits), np.int8)
+    scale = np.empty(weight.shape[0], np.float16)
+    step = max(1, BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    for r0 in range(0, weight.shape[0], step):
+        q[r0:r0 + step], scale[r0:r0 + step] = _quantize_rows(weight[r0:r0 + step], bits)
+    return q, scale
+
+
+def _quantize_rows(weight, bits):
     limit = 2 ** (bits - 1) - 1
     w32 = weight.astype(np.float32)
     scale = (np.abs(w32).max(axis=1, initial=0.0) / np.float32(limit)).astype(np.float16)
     s32 = scale.astype(np.float32)[:, None]
     quotient = np.divide(w32, s32, out=np.zeros_like(w32), where=s32 != 0).astype(weight.dtype)
-    q = np.clip(np.round(quotient), -limit, limit).astype(np.int8)
+    q = np.clip(np.rint(quotient), -limit, limit).astype(np.int8)   # rint: half to even, like torch.round
     return (pack_int4(q) if bits == 4 else q), scale
 
 
