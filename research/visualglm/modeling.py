@@ -255,15 +255,14 @@ def _quantized_value(path, name, value, param, model_bits):
     the parameter's bit width. QuantizationMismatchError otherwise (the checkpoint's bits named)."""
     from visualglm import quantization
     shape = tuple(value.shape)
-    if param.dtype != ms.int8:   # a float model, a quantized checkpoint
-        raise quantization.mismatch(path, name, quantization.stored_bits(shape, param.shape[1]), 0)
+    if param.dtype != ms.int8 or (_is_int8(value) and shape != tuple(param.shape)):
+        in_channels = param.shape[1] * 8 // model_bits if model_bits else param.shape[1]
+        found = quantization.stored_bits(shape, in_channels)
+        if found is None:
+            raise CheckpointMismatchError(f"{path}: {name!r} is int8 {shape}, the model expects {tuple(param.shape)} "
+                                          "(is the config the checkpoint's?)")
+        raise quantization.mismatch(path, name, found, model_bits)
     if _is_int8(value):
-        if shape != tuple(param.shape):
-            found = quantization.stored_bits(shape, param.shape[1] * 8 // model_bits)
-            if found is None:
-                raise CheckpointMismatchError(f"{path}: {name!r} has shape {shape}, the model expects "
-                                              f"{tuple(param.shape)} (is the config the checkpoint's?)")
-            raise quantization.mismatch(path, name, found, model_bits)
         return {name: value}
     columns = param.shape[1] * 8 // model_bits
     if shape != (param.shape[0], columns):
