@@ -1,6 +1,6 @@
 """Speed of the CPU linear kernel (research/visualglm/kernels) against MindSpore's MatMul and torch.
 
-    python benchmarks/bench_kernels.py [--path avx512|avx2] [--reps 7] [--quick] [--no_torch] [--no_ms]
+    python benchmarks/bench_kernels.py [--path avx512vnni|avx512|avx2] [--reps 7] [--quick] [--no_torch] [--no_ms]
                                        [--only lm_head] [--rows 1,8] [--threads 2]
 
 Every figure is the median of `--reps` timed calls after two warm-up calls, each call synchronised
@@ -14,6 +14,10 @@ weight is what a decode step streams from memory), GFLOPS = 2·M·K·N / time.
                 (layers.Linear with float16 parameters and compute_dtype float32)
     torch fp32  torch.nn.functional.linear (float32 weights only), in a separate process (torch and
                 MindSpore slow each other down in one process), torch.set_num_threads(--threads)
+
+int8 / int4 rows: the quantized product (kernels.quantized_linear_op) on visualglm.quantization's weights of the
+GLM layers (lm_head stays fp16); GB/s counts the integers and the float16 scales, and the last column is the
+speed-up over ours on the same weight in float16.
 
 Decode rows (M = 1, 2, 4, 8) are the GLM's weights, [out, in] (transpose_b): qkv 12288x4096, dense
 4096x4096, h_to_4h 16384x4096, 4h_to_h 4096x16384, lm_head 130528x4096. A decode step reads every weight
@@ -44,24 +48,31 @@ ROTATE_BYTES = 128e6
 def cases(quick):
     """(name, N, K, transpose_b, weight dtype, M) rows of the table."""
     rows = []
-    for dtype in ("float16", "float32"):
-        for name, n, k in GLM:
+    for dtype in ("float16", "float32", "int8", "int4"):
+        for name, n, k in GLM if dtype.startswith("float") else GLM[:4]:
             for m in ((1, 8) if quick else (1, 2, 4, 8)):
                 rows.append((name, n, k, True, dtype, m))
-    for dtype in ("float16", "float32"):
+    for dtype in ("float16", "float32", "int8", "int4"):
         for name, n, k in GLM[:4]:
             for m in ((64,) if quick else (64, 257)):
                 rows.append((name, n, k, True, dtype, m))
-        for name, n, k in VIT:
+        for name, n, k in VIT if dtype.startswith("float") else ():
             rows.append((name, n, k, False, dtype, 257))
     return rows
 
 
 def weights(n, k, transpose_b, dtype, m, seed=0):
-    """Enough copies of a random weight that decode calls always read it from memory."""
+    """Enough copies of a random weight that decode calls always read it from memory: arrays, or (q, scale)
+    pairs for int8/int4."""
     rng = np.random.default_rng(seed)
     shape = (n, k) if transpose_b else (k, n)
-    w = (rng.standard_normal(shape, dtype=np.float32) / np.sqrt(k)).astype(dtype)
+    w = rng.standard_normal(shape, dtype=np.float32) / np.sqrt(k)
+    if dtype.startswith("int"):
+        from visualglm.quantization import quantize
+        q, scale = quantize(w.astype(np.float16), int(dtype[3:]))
+        copies = max(1, int(np.ceil(ROTATE_BYTES / q.nbytes))) if m <= 8 else 1
+        return [(q, scale)] + [(q.copy(), scale.copy()) for _ in range(copies - 1)]
+    w = w.astype(dtype)
     copies = max(1, int(np.ceil(ROTATE_BYTES / w.nbytes))) if m <= 8 else 1
     return [w] + [w.copy() for _ in range(copies - 1)]
 
@@ -129,6 +140,16 @@ def build_cells(path):
         def construct(self, x):
             return self.op(x, self.weight)
 
+    class OursQuantized(nn.Cell):
+        def __init__(self, weight, scale, bits):
+            super().__init__()
+            self.weight = weight
+            self.scale = scale
+            self.op = kernels.quantized_linear_op(bits, path=path)
+
+        def construct(self, x):
+            return self.op(x, self.weight, self.scale)
+
     class MatMul(nn.Cell):
         def __init__(self, weight, transpose_b, dtype):
             super().__init__()
@@ -139,12 +160,13 @@ def build_cells(path):
         def construct(self, x):
             return self.matmul(x.astype(self.dtype), self.weight.astype(self.dtype)).astype(ms.float32)
 
-    return Ours, MatMul
+    return Ours, OursQuantized, MatMul
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--path", choices=("avx512", "avx2"), help="kernel path (default: the one chosen)")
+    parser.add_argument("--path", choices=("avx512vnni", "avx512", "avx2"),
+                        help="kernel path (default: the one chosen)")
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                         help="threads for the kernel (VISUALGLM_KERNEL_THREADS), MindSpore and torch")
@@ -170,26 +192,33 @@ def main():
     if chosen is None:
         sys.exit("no CPU kernel on this machine (see the log line above)")
     path = args.path or chosen
-    Ours, MatMul = build_cells(path)
+    Ours, OursQuantized, MatMul = build_cells(path)
     rows = [r for r in cases(args.quick) if (not args.only or args.only in r[0])
             and (not args.rows or str(r[5]) in args.rows.split(","))]
 
     results = []
     for name, n, k, transpose_b, dtype, m in rows:
         ws = weights(n, k, transpose_b, dtype, m)
-        params = [Parameter(Tensor(w), name=f"w{i}", requires_grad=False) for i, w in enumerate(ws)]
         x = Tensor(np.random.default_rng(1).standard_normal((m, k), dtype=np.float32))
         def timed(cells, x=x):
             return median_time([lambda c=c: c(x).asnumpy() for c in cells], args.reps)
 
-        ours = timed([Ours(p, transpose_b) for p in params])
+        if dtype.startswith("int"):
+            params = [(Parameter(Tensor(q), name=f"q{i}", requires_grad=False),
+                       Parameter(Tensor(s), name=f"s{i}", requires_grad=False)) for i, (q, s) in enumerate(ws)]
+            ours = timed([OursQuantized(q, s, int(dtype[3:])) for q, s in params])
+            nbytes = ws[0][0].nbytes + ws[0][1].nbytes
+        else:
+            params = [Parameter(Tensor(w), name=f"w{i}", requires_grad=False) for i, w in enumerate(ws)]
+            ours = timed([Ours(p, transpose_b) for p in params])
+            nbytes = ws[0].nbytes
         ms16 = ms32 = None
-        if not args.no_ms:
+        if not args.no_ms and dtype.startswith("float"):
             if dtype == "float16":
                 ms16 = timed([MatMul(p, transpose_b, ms.float16) for p in params])
             ms32 = timed([MatMul(p, transpose_b, ms.float32) for p in params])
         results.append({"name": name, "n": n, "k": k, "transpose_b": transpose_b, "dtype": dtype, "m": m,
-                        "bytes": ws[0].nbytes, "ours": ours, "ms16": ms16, "ms32": ms32})
+                        "bytes": nbytes, "ours": ours, "ms16": ms16, "ms32": ms32})
         del params, ws
         print(f"  {name} {dtype} M={m}: ours {ours * 1e3:.2f} ms", file=sys.stderr, flush=True)
 
@@ -209,12 +238,15 @@ def main():
     print(f"\nCPU linear kernel path {path}, {args.threads} threads; ms / GB/s (weight bytes) / GFLOPS, "
           f"median of {args.reps}")
     head = f"{'weight':>9} {'[N, K]':>14} {'layout':>6} {'dtype':>7} {'M':>4} | " + " | ".join(
-        f"{c:^23}" for c in ("ours", "MS fp16", "MS fp32", "torch fp32")) + " | ours vs best other"
+        f"{c:^23}" for c in ("ours", "MS fp16", "MS fp32", "torch fp32")) + " | ours vs best other (int rows: vs ours fp16)"
     print(head)
     print("-" * len(head))
+    fp16 = {(r["name"], r["m"]): r["ours"] for r in results if r["dtype"] == "float16"}
     for r in results:
         others = [t for t in (r.get("ms16"), r.get("ms32"), r.get("torch")) if t]
         speedup = f"{min(others) / r['ours']:6.2f}x" if others else ""
+        if r["dtype"].startswith("int") and (r["name"], r["m"]) in fp16:
+            speedup = f"{fp16[(r['name'], r['m'])] / r['ours']:6.2f}x ours fp16"
         print(f"{r['name']:>9} {[r['n'], r['k']]!s:>14} {'[N,K]' if r['transpose_b'] else '[K,N]':>6} "
               f"{r['dtype']:>7} {r['m']:>4} | " + " | ".join(
                   fmt(r.get(c), r) for c in ("ours", "ms16", "ms32", "torch")) + f" | {speedup}")

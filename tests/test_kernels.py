@@ -1,5 +1,6 @@
 """visualglm.kernels: the CPU linear kernel against numpy (float64) and MindSpore's MatMul (GRAPH mode), on every
-path this CPU can run, both weight layouts and dtypes, decode and prefill row counts and odd shapes; the same
+path this CPU can run, both weight layouts and dtypes, decode and prefill row counts and odd shapes; its int8 and
+int4 products against dequantize-then-MatMul on every path; the same
 numbers in PyNative and GRAPH mode; its gradient; and the fallbacks (off, no compiler, a failing compiler, a
 forced path, concurrent builds), each in a fresh process that loads the module file alone (no MindSpore import).
 """
@@ -19,11 +20,15 @@ from conftest import REPO
 from visualglm import kernels
 
 KERNELS_FILE = REPO / "research" / "visualglm" / "kernels" / "__init__.py"
-PATHS = ("avx512", "avx2")
+PATHS = kernels.PATHS
 ROWS = (1, 2, 3, 5, 8, 9, 64, 257)
 SHAPES = ((100, 37), (1408, 4224))          # (K, N)
 SMALL_SHAPES = ((17, 5), (1, 3), (16, 1))   # vector tails only, K or N of 1
 TOL = 1e-5                                  # max |error| / max |reference|
+# The VNNI path's quantized decode (1-8 rows) rounds x to int16 per row: measured up to 5e-5.
+VNNI_TOL = 1e-4
+QROWS = (1, 2, 3, 5, 8, 9, 64)
+QSHAPES = ((130, 37), (4096, 520), (98, 3))  # (K, N): K even (int4 pairs); tails past 64 columns
 
 
 def op_for(path, transpose_b):
@@ -99,6 +104,67 @@ def test_graph_cell_matches_matmul(path):
                     assert y.shape == y_ms.shape == ref.shape, where
                     assert rel_err(y, y_ms.astype(np.float64)) < TOL, where
                     assert rel_err(y, ref) < TOL, where
+
+
+@cache
+def qcase(m, k, n, bits):
+    """x [m, k], the quantized weight of a random float16 [n, k] and the float64 reference x · dequantized(q)ᵀ."""
+    from visualglm.quantization import dequantize, quantize
+    x = np.random.default_rng([m, k, 1]).standard_normal((m, k)).astype(np.float32)
+    q, scale = quantize(np.random.default_rng([k, n, bits]).standard_normal((n, k)).astype(np.float16), bits)
+    w = dequantize(q, scale, bits)
+    return x, q, scale, w, x.astype(np.float64) @ w.astype(np.float64).T
+
+
+class QuantizedAndMatMul(nn.Cell):
+    """The int8/int4 kernel and MatMul on the dequantized float32 weight side by side, for a tuple of inputs."""
+
+    def __init__(self, q, scale, w, bits, path):
+        super().__init__()
+        self.q = Parameter(Tensor(q), name="q", requires_grad=False)
+        self.scale = Parameter(Tensor(scale), name="scale", requires_grad=False)
+        self.w = Parameter(Tensor(w), name="w", requires_grad=False)
+        self.kernel = kernels.quantized_linear_op(bits, path=path)
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, xs):
+        outs = ()
+        for x in xs:
+            outs = outs + ((self.kernel(x, self.q, self.scale), self.matmul(x, self.w)),)
+        return outs
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_quantized_matches_dequantized_matmul(path):
+    """int8 and int4 weights, decode (1-8 rows) and prefill rows, in a GRAPH-mode Cell and eagerly."""
+    op_for(path, True)
+    for bits in (8, 4):
+        for k, n in QSHAPES:
+            cases = [qcase(m, k, n, bits) for m in QROWS]
+            _, q, scale, w, _ = cases[0]
+            outs = QuantizedAndMatMul(q, scale, w, bits, path)(tuple(Tensor(c[0]) for c in cases))
+            for (x, _, _, _, ref), (y, y_ms) in zip(cases, outs):
+                tol = VNNI_TOL if path == "avx512vnni" and x.shape[0] <= 8 else TOL
+                where = (path, bits, x.shape[0], k, n)
+                assert rel_err(y.asnumpy(), y_ms.asnumpy().astype(np.float64)) < tol, where
+                assert rel_err(y.asnumpy(), ref) < tol, where
+            x, q, scale, _, ref = cases[-1]
+            eager = kernels.quantized_linear_op(bits, path=path)(Tensor(x.reshape(8, 8, k)), Tensor(q), Tensor(scale))
+            assert eager.shape == (8, 8, n) and rel_err(eager.asnumpy().reshape(64, n), ref) < TOL
+
+
+def test_quantized_wrong_inputs():
+    op_for(None, True)
+    x, q, scale, _, _ = qcase(2, 130, 37, 4)
+    op = kernels.quantized_linear_op(4)
+    with pytest.raises(TypeError, match="scale float16"):
+        op(Tensor(x), Tensor(q), Tensor(scale.astype(np.float32)))
+    with pytest.raises(ValueError, match="do not fit"):
+        op(Tensor(x), Tensor(q[:, :-1]), Tensor(scale))
+    with pytest.raises(ValueError, match="do not fit"):
+        kernels.quantized_linear_op(8)(Tensor(x), Tensor(q), Tensor(scale))
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        kernels.quantized_linear_op(2)
 
 
 class Linear(nn.Cell):
@@ -237,10 +303,10 @@ def test_broken_compiler_falls_back(tmp_path, compiler):
 def test_forced_path_and_bad_value():
     if kernels.kernel_path() is None:
         pytest.skip("no CPU kernel on this machine")
-    with ThreadPoolExecutor(3) as pool:
+    with ThreadPoolExecutor(4) as pool:
         results = {value: pool.submit(run_fresh, {"VISUALGLM_CPU_KERNEL": value})
-                   for value in ("avx2", "avx512", "fast")}
-    for value in ("avx2", "avx512"):
+                   for value in ("avx2", "avx512", "avx512vnni", "fast")}
+    for value in ("avx2", "avx512", "avx512vnni"):
         result = results[value].result()
         assert result.returncode == 0, result.stderr
         lines = log_lines(result)

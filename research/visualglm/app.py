@@ -231,10 +231,16 @@ def load_settings(args):
     compute_dtype = args.compute_dtype or ("float32" if target == "CPU" else None)
     if compute_dtype:
         overrides["compute_dtype"] = compute_dtype
+    if getattr(args, "quantization_bit", None) is not None:
+        overrides["quantization_bit"] = args.quantization_bit
     try:
         config = load_config(config_path, **overrides)
     except (ValueError, TypeError, KeyError) as err:
         raise UserError(f"bad model config in {config_path}: {_first_line(err)}") from None
+    if config.quantization_bit and target != "CPU":
+        # MindSpore has no weight-only int8/int4 matmul on Ascend (mindspore-gs quantizes for its own runtime).
+        raise UserError(f"quantization_bit {config.quantization_bit} is CPU-only for now: run with --device_target "
+                        "CPU, or use --quantization_bit 0 on Ascend")
 
     problems, skipped = [], []
     holders = {"vit": config.vision_config, "qformer": config, "glm": config.text_config}

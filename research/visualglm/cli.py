@@ -76,6 +76,11 @@ def add_model_args(parser, default_config, default_batch_size=1):
     group.add_argument("--compute_dtype", default=None, choices=("float32", "float16", "bfloat16"),
                        help="matmul dtype (default: the yaml's model_config.compute_dtype, except float32 on "
                             "CPU, where float16 is slower and bfloat16 unsupported)")
+    group.add_argument("--quantization_bit", type=int, choices=(0, 8, 4), default=None,
+                       help="weight-only int8 (8) or int4 (4) GLM layer Linears, as THUDM's model.quantize(bits); 0 "
+                            "keeps them as stored. An fp16 checkpoint is quantized while it loads; a quantized one "
+                            "(convert_weight.py --quantization_bit) loads directly. CPU only (default: the yaml's "
+                            "model_config.quantization_bit, else 0)")
     group.add_argument("--seq_length", type=int, default=None,
                        help="GLM KV-cache length = longest prompt + answer budget "
                             "(default: the yaml's text_config.seq_length)")

@@ -12,6 +12,8 @@ import mindspore as ms
 from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from visualglm.quantization import check_bits
+
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
 
 
@@ -102,14 +104,16 @@ class QFormerConfig(_PartConfig):
 
 @MindFormerRegister.register(MindFormerModuleType.CONFIG)
 class GLMConfig(_PartConfig):
-    """ChatGLM-6B v1 (spec §7). `seq_length` is the KV-cache length: prompt plus generated tokens."""
+    """ChatGLM-6B v1 (spec §7). `seq_length` is the KV-cache length: prompt plus generated tokens.
+    `quantization_bit` 8 or 4 stores the layers' four Linears weight-only int8/int4 (visualglm.quantization);
+    0 (the default) keeps them in param_init_type."""
     model_type = "visualglm_glm"
 
     def __init__(self, vocab_size=130528, hidden_size=4096, num_layers=28, num_heads=32,
                  inner_hidden_size=16384, hidden_size_per_attention_head=None, seq_length=512,
                  layernorm_epsilon=1e-5, rotary_base=10000, use_past=False, batch_size=1,
                  bos_token_id=130004, eos_token_id=130005, mask_token_id=130000, gmask_token_id=130001,
-                 smask_token_id=130002, pad_token_id=3, max_decode_length=2048, **kwargs):
+                 smask_token_id=130002, pad_token_id=3, max_decode_length=2048, quantization_bit=0, **kwargs):
         kwargs.setdefault("compute_dtype", "float16")
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                          **kwargs)
@@ -128,6 +132,7 @@ class GLMConfig(_PartConfig):
         self.gmask_token_id = gmask_token_id
         self.smask_token_id = smask_token_id
         self.max_decode_length = max_decode_length
+        self.quantization_bit = check_bits(quantization_bit)
         if self.head_dim % 4:
             raise ValueError(f"GLM head dim {self.head_dim} must be a multiple of 4 for 2D rotary positions")
 
@@ -173,14 +178,16 @@ class VisualGLMConfig(PretrainedConfig):
     freeze_vision / freeze_qformer / freeze_text keep the ViT / the Q-Former and its query tokens / the GLM
     out of full-parameter training (freeze_qformer is not upstream's: False, its default, is upstream);
     `compute_dtype`, `layernorm_compute_type` and `softmax_compute_type` are pushed down into every part
-    (MindFormers semantics): float32 on CPU, float16 matmuls with float32 LayerNorm/softmax on Ascend."""
+    (MindFormers semantics): float32 on CPU, float16 matmuls with float32 LayerNorm/softmax on Ascend.
+    `quantization_bit` (0, 8 or 4; None leaves text_config's, default 0) quantizes the GLM's layer Linears, as
+    THUDM's `model.quantize(bits)` does; the ViT, Q-Former, embeddings and lm_head stay as they are."""
     model_type = "visualglm"
 
     def __init__(self, vision_config=None, qformer_config=None, text_config=None, batch_size=1,
                  freeze_vision=True, freeze_text=True, max_txt_len=32, checkpoint_name_or_path=None,
                  dtype="float32", compute_dtype="float16", layernorm_compute_type="float32",
                  softmax_compute_type="float32", ln_vision_eps=1e-5, image_placeholder_id=None,
-                 freeze_qformer=False, **kwargs):
+                 freeze_qformer=False, quantization_bit=None, **kwargs):
         # Keys the MindFormers yaml carried but VisualGLMConfig never used (spec §2.2, §19.12).
         kwargs.pop("layernorm_dtype", None)
         kwargs.pop("softmax_dtype", None)
@@ -207,6 +214,9 @@ class VisualGLMConfig(PretrainedConfig):
         self.vision_config.param_init_type = dtype
         self.qformer_config.param_init_type = dtype
         self.text_config.batch_size = batch_size
+        if quantization_bit is not None:   # the model config's value wins over text_config's
+            self.text_config.quantization_bit = check_bits(quantization_bit)
+        self.quantization_bit = self.text_config.quantization_bit
         if self.qformer_config.encoder_width != self.vision_config.hidden_size:
             raise ValueError(f"qformer encoder_width {self.qformer_config.encoder_width} must equal the vision "
                              f"hidden_size {self.vision_config.hidden_size}")

@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from visualglm import checkpoint_io as cio
+from visualglm import quantization
 from visualglm.checkpoint_io import CheckpointFileError
 from visualglm.errors import UserError
 
@@ -538,19 +539,29 @@ def check_against_config(reader, rules, parts):
         raise ConversionError(f"{reader.layout} checkpoint does not match the config: " + " | ".join(problems))
 
 
-def plan_outputs(reader, rules, files, dtype=None):
+def plan_outputs(reader, rules, files, dtype=None, quantization_bit=0):
     """{output path: [TensorSpec]} in rule order. files: {part: path} plus optionally "lite": path.
-    dtype: None keeps each tensor's dtype as read, else every tensor is stored in it."""
+    dtype: None keeps each tensor's dtype as read, else every tensor is stored in it. quantization_bit 8/4: the
+    GLM layer weights quantization replaces become int8 `weight` and float16 `weight_scale`."""
     plans = {path: [] for path in files.values()}
     for key, rule in rules.items():
         if rule.part not in files:
             continue
         out_dtype = dtype or reader.tensors[key].dtype
         for name, shape in rule.targets():
+            if _quantized(rule, name, quantization_bit):
+                plans[files[rule.part]] += [
+                    cio.TensorSpec(name, quantization.quantized_shape(shape, quantization_bit), np.int8),
+                    cio.TensorSpec(name + quantization.SCALE_SUFFIX, shape[:1], np.float16)]
+                continue
             plans[files[rule.part]].append(cio.TensorSpec(name, shape, out_dtype))
             if name == EMBEDDING and "lite" in files:
                 plans[files["lite"]].append(cio.TensorSpec(name, shape, out_dtype))
     return plans
+
+
+def _quantized(rule, name, quantization_bit):
+    return bool(quantization_bit) and rule.part == "glm" and quantization.is_quantized_weight(name)
 
 
 def lite_path(glm_path):
@@ -724,7 +735,7 @@ def _load_config(config, reader):
 
 
 def convert_checkpoint(torch_path, outputs, config=None, qkv_layout=None, dtype="keep", show_progress=True,
-                       log=None):
+                       log=None, quantization_bit=0):
     """Convert an upstream checkpoint (SAT or Hugging Face layout, detected) into MindSpore checkpoints,
     streaming: one input tensor in memory at a time.
 
@@ -735,20 +746,26 @@ def convert_checkpoint(torch_path, outputs, config=None, qkv_layout=None, dtype=
     one, the released sizes). qkv_layout: "block" or "interleaved" GLM qkv rows in the input, None for the
     layout's default (SAT: block, Hugging Face: interleaved). dtype: "keep" (each tensor as stored; bf16
     becomes float32), "float16" or "float32". log: called with each message line (layout found, files
-    written, tokenizer), e.g. `print`. Returns {path: number of tensors written}.
+    written, tokenizer), e.g. `print`. quantization_bit 8 or 4: the GLM layers' four Linear weights are written
+    quantized (visualglm.quantization; after the dtype cast), one tensor at a time, for a model config with the
+    same quantization_bit. Returns {path: number of tensors written}.
     Raises ConversionError (nothing written, existing outputs untouched) for any bad input or output."""
     log = log or (lambda message: None)
     try:
-        return _convert(torch_path, outputs, config, qkv_layout, dtype, show_progress, log)
+        return _convert(torch_path, outputs, config, qkv_layout, dtype, show_progress, log, quantization_bit)
     except CheckpointFileError as err:
         raise ConversionError(str(err)) from None
 
 
-def _convert(torch_path, outputs, config, qkv_layout, dtype, show_progress, log):
+def _convert(torch_path, outputs, config, qkv_layout, dtype, show_progress, log, quantization_bit):
     if not outputs:
         raise ConversionError("nothing to convert: every part's convert flag is 0")
     if dtype not in DTYPES:
         raise ConversionError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    try:
+        quantization_bit = quantization.check_bits(quantization_bit)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
     files = {part: os.path.abspath(path) for part, path in outputs.items()}
     if "glm" in files:
         files["lite"] = lite_path(files["glm"])
@@ -765,7 +782,7 @@ def _convert(torch_path, outputs, config, qkv_layout, dtype, show_progress, log)
     rules = conversion_rules(config)
     parts = tuple(p for p in PARTS if p in files)
     check_against_config(reader, rules, parts)
-    plans = plan_outputs(reader, rules, files, DTYPES[dtype])
+    plans = plan_outputs(reader, rules, files, DTYPES[dtype], quantization_bit)
 
     wanted = [k for k in reader.tensors if k in rules and rules[k].part in parts]
     writers = _Outputs(plans)
@@ -778,6 +795,12 @@ def _convert(torch_path, outputs, config, qkv_layout, dtype, show_progress, log)
         for key in wanted:
             rule = rules[key]
             for name, value in rule.convert(reader.read(key)):
+                if _quantized(rule, name, quantization_bit):
+                    q, scale = quantization.quantize(value if dtype == "keep" else value.astype(DTYPES[dtype]),
+                                                     quantization_bit)
+                    writers.write(files[rule.part], name, q)
+                    writers.write(files[rule.part], name + quantization.SCALE_SUFFIX, scale)
+                    continue
                 writers.write(files[rule.part], name, value)
                 if name == EMBEDDING and "lite" in files:
                     writers.write(files["lite"], name, value)

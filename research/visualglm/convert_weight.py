@@ -41,6 +41,10 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", choices=("keep", "float16", "float32"), default="keep",
                         help="dtype of the written tensors: 'keep' each tensor's stored dtype (default; the "
                              "Hugging Face image encoder is float32, the rest float16), or cast all")
+    parser.add_argument("--quantization_bit", type=int, choices=(0, 8, 4), default=0,
+                        help="write the GLM layers' query_key_value, dense, dense_h_to_4h and dense_4h_to_h weights "
+                             "weight-only int8 (8) or int4 (4) with per-row float16 scales, THUDM's scheme, for a "
+                             "model run with the same --quantization_bit (default 0: as stored)")
     parser.add_argument("--config", default=None,
                         help="yaml or model_config.json with the target sizes (default: the checkpoint's "
                              "model_config.json or config.json, else the released VisualGLM-6B)")
@@ -55,7 +59,8 @@ def main(argv=None):
                if getattr(args, f"{part}_convert_flag")}
     with sigterm_as_interrupt():   # a kill cleans up like Ctrl-C: the temporary files are removed
         convert_checkpoint(args.torch_path, outputs, config=args.config, qkv_layout=args.qkv_layout,
-                           dtype=args.dtype, show_progress=not args.no_progress, log=print)
+                           dtype=args.dtype, show_progress=not args.no_progress, log=print,
+                           quantization_bit=args.quantization_bit)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import initializer
 
 from visualglm.configuration import to_ms_dtype
-from visualglm.layers import Embedding, LayerNorm, Linear, TanhGeLU, attention, merge_heads
+from visualglm.layers import Embedding, LayerNorm, Linear, QuantizedLinear, TanhGeLU, attention, merge_heads
 
 
 def glm_position_ids_and_mask(input_ids, bos_token_id, gmask_token_id, mask_token_id, length=None):
@@ -61,17 +61,24 @@ def _rotate_half(x):
     return ops.concat((-x[..., half:], x[..., :half]), axis=-1)
 
 
+def layer_linear(config, in_channels, out_channels):
+    """A Linear of a GLM layer: weight-only int8/int4 (QuantizedLinear) when config.quantization_bit is 8 or 4."""
+    kw = dict(param_init_type=to_ms_dtype(config.param_init_type), compute_dtype=to_ms_dtype(config.compute_dtype))
+    if config.quantization_bit:
+        return QuantizedLinear(in_channels, out_channels, config.quantization_bit, **kw)
+    return Linear(in_channels, out_channels, **kw)
+
+
 class GLMAttention(nn.Cell):
     """Self-attention with a fused, block-ordered [Q | K | V] projection (spec §7.3) and 2D rotary."""
 
     def __init__(self, config):
         super().__init__()
-        kw = dict(param_init_type=to_ms_dtype(config.param_init_type), compute_dtype=to_ms_dtype(config.compute_dtype))
         self.num_heads = config.num_heads
         self.head_dim = config.head_dim
         inner = self.num_heads * self.head_dim
-        self.query_key_value = Linear(config.hidden_size, 3 * inner, **kw)
-        self.dense = Linear(inner, config.hidden_size, **kw)
+        self.query_key_value = layer_linear(config, config.hidden_size, 3 * inner)
+        self.dense = layer_linear(config, inner, config.hidden_size)
         self.compute_dtype = to_ms_dtype(config.compute_dtype)
         self.softmax_dtype = to_ms_dtype(config.softmax_compute_type)
         self.cache_length = config.seq_length
@@ -119,9 +126,8 @@ def _write_cache(cache, new, cache_index, length, slot_index=None):
 class GLMMLP(nn.Cell):
     def __init__(self, config):
         super().__init__()
-        kw = dict(param_init_type=to_ms_dtype(config.param_init_type), compute_dtype=to_ms_dtype(config.compute_dtype))
-        self.dense_h_to_4h = Linear(config.hidden_size, config.inner_hidden_size, **kw)
-        self.dense_4h_to_h = Linear(config.inner_hidden_size, config.hidden_size, **kw)
+        self.dense_h_to_4h = layer_linear(config, config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = layer_linear(config, config.inner_hidden_size, config.hidden_size)
         self.activation = TanhGeLU()
 
     def construct(self, x):

@@ -75,6 +75,66 @@ class Linear(nn.Cell):
         return y.reshape(out_shape)
 
 
+def quantized_cpu_kernel(bits):
+    """The CPU kernel's int8/int4 product when the model is built for the CPU and the kernel runs here, else None."""
+    if ms.get_context("device_target") != "CPU":
+        return None
+    from visualglm.kernels import quantized_linear_op
+    return quantized_linear_op(bits)
+
+
+class QuantizedLinear(nn.Cell):
+    """y = x·(q·scale)ᵀ + b with a weight-only int8 or int4 weight (visualglm.quantization): `weight` int8
+    [out, in·bits/8] and `weight_scale` float16 [out], both frozen, as THUDM's QuantizedLinear names them.
+
+    At inference on the CPU the product runs in the CPU kernel (x float32, the integers read as stored); elsewhere
+    (training, or a CPU without the kernel) the weight is dequantized to float32 inside the graph, one Linear at a
+    time, and multiplied with MindSpore's MatMul: correct, but slower and with a float32 copy of the weight."""
+
+    def __init__(self, in_channels, out_channels, bits, has_bias=True, param_init_type=ms.float32,
+                 compute_dtype=ms.float32):
+        super().__init__()
+        from visualglm.quantization import quantized_shape
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.bits = bits
+        self.has_bias = has_bias
+        self.compute_dtype = compute_dtype
+        self.weight = Parameter(initializer("zeros", quantized_shape((out_channels, in_channels), bits), ms.int8),
+                                name="weight", requires_grad=False)
+        self.weight_scale = Parameter(initializer("ones", (out_channels,), ms.float16), name="weight_scale",
+                                      requires_grad=False)
+        self.bias = Parameter(initializer("zeros", (out_channels,), param_init_type), name="bias") \
+            if has_bias else None
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.kernel = quantized_cpu_kernel(bits)
+
+    def dequantized(self):
+        """The weight as float32 [out, in] (inside the graph)."""
+        values = self.weight.astype(ms.int32)
+        if self.bits == 4:   # the even column in the high nibble: floor division keeps the sign
+            high = ops.floor_div(values, 16)
+            low = values - high * 16
+            low = ops.where(low >= 8, low - 16, low)
+            values = ops.stack((high, low), axis=-1).reshape(self.out_channels, self.in_channels)
+        return values.astype(ms.float32) * self.weight_scale.astype(ms.float32).reshape(-1, 1)
+
+    def product(self, x):
+        """x [M, in] float32 -> x·Wᵀ + b [M, out] float32."""
+        if self.kernel is not None and not self.training:
+            y = self.kernel(x, self.weight, self.weight_scale)
+        else:
+            y = self.matmul(x, self.dequantized())
+        if self.has_bias:
+            y = ops.bias_add(y, self.bias.astype(ms.float32))
+        return y
+
+    def construct(self, x):
+        out_shape = x.shape[:-1] + (self.out_channels,)
+        y = self.product(x.reshape(-1, self.in_channels).astype(ms.float32))
+        return y.astype(self.compute_dtype).reshape(out_shape)
+
+
 class LayerNorm(nn.Cell):
     """LayerNorm over the last axis with `gamma`/`beta` (MindFormers names), computed in `compute_type`."""
 

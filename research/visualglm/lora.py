@@ -1,13 +1,16 @@
 """LoRA on ChatGLM (spec §15.4): mindpet `LoRADense` replaces the configured Linears of the configured
 layers, reusing their weight and bias; everything else is frozen. Parameter names stay the base
 model's, plus `…mindpet_delta_lora_a` [rank, in] and `…mindpet_delta_lora_b` [out, rank]."""
+import math
 import re
 
 import numpy as np
 import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import HeUniform, initializer
 
 from visualglm.errors import UserError
-from visualglm.layers import Linear
+from visualglm.layers import Linear, QuantizedLinear
 
 LORA_MARK = "mindpet_delta_lora"
 # MindFormers' port puts LoRA on the attention's fused qkv and output Linears, never the MLP.
@@ -27,10 +30,39 @@ def lora_layer_indices(layer_range, num_layers):
     return sorted(set(indices))
 
 
+class QuantizedLoRA(QuantizedLinear):
+    """LoRA beside a weight-only int8/int4 Linear: y = x·(q·scale)ᵀ + b + (α / r)·(x·Aᵀ)·Bᵀ, the quantized product
+    in the CPU kernel and the LoRA update in float32 (like QLoRA: the base stays quantized, the adapter is not).
+    Parameters are mindpet LoRADense's `mindpet_delta_lora_a` [r, in] (He-uniform) and `mindpet_delta_lora_b`
+    [out, r] (zeros) beside the base's weight, weight_scale and bias, so LoRA checkpoints load unchanged."""
+
+    def __init__(self, base, lora_rank, lora_alpha, lora_dropout=0.0, param_init_type=ms.float32):
+        super().__init__(base.in_channels, base.out_channels, base.bits, base.has_bias,
+                         compute_dtype=base.compute_dtype)
+        self.weight, self.weight_scale = base.weight, base.weight_scale
+        if base.has_bias:
+            self.bias = base.bias
+        self.mindpet_delta_lora_a = Parameter(initializer(HeUniform(negative_slope=math.sqrt(5)),
+                                                          (lora_rank, base.in_channels), param_init_type),
+                                              name="mindpet_delta_lora_a")
+        self.mindpet_delta_lora_b = Parameter(initializer("zeros", (base.out_channels, lora_rank), param_init_type),
+                                              name="mindpet_delta_lora_b")
+        self.scaling = float(lora_alpha) / lora_rank
+        self.dropout = nn.Dropout(p=lora_dropout)
+        self.lora_matmul = ops.MatMul(transpose_b=True)
+
+    def construct(self, x):
+        out_shape = x.shape[:-1] + (self.out_channels,)
+        x = x.reshape(-1, self.in_channels).astype(ms.float32)
+        down = self.lora_matmul(self.dropout(x), self.mindpet_delta_lora_a.astype(ms.float32))
+        update = self.lora_matmul(down, self.mindpet_delta_lora_b.astype(ms.float32)) * self.scaling
+        return (self.product(x) + update).astype(self.compute_dtype).reshape(out_shape)
+
+
 def apply_lora(model, lora_rank=10, lora_alpha=128.0, lora_dropout=0.0, layer_range=(0, 14),
                target_modules=DEFAULT_TARGETS, param_init_type="float32"):
-    """Wrap the target Linears of the selected GLM layers with LoRADense; returns their cell paths.
-    Freezes every parameter but the LoRA matrices."""
+    """Wrap the target Linears of the selected GLM layers with LoRADense (QuantizedLoRA for a quantized
+    base); returns their cell paths. Freezes every parameter but the LoRA matrices."""
     from mindpet.delta import LoRADense
     from visualglm.configuration import to_ms_dtype
 
@@ -40,19 +72,22 @@ def apply_lora(model, lora_rank=10, lora_alpha=128.0, lora_dropout=0.0, layer_ra
     for index in lora_layer_indices(layer_range, len(layers)):
         block = layers[index]
         targets = [(path, cell) for path, cell in block.cells_and_names()
-                   if path and isinstance(cell, Linear) and pattern.search(path)]
+                   if path and isinstance(cell, (Linear, QuantizedLinear)) and pattern.search(path)]
         for path, linear in targets:
             parent_path, _, attr = path.rpartition(".")
             parent = block
             for part in parent_path.split(".") if parent_path else ():
                 parent = getattr(parent, part)
-            lora = LoRADense(linear.in_channels, linear.out_channels, lora_rank, float(lora_alpha), lora_dropout,
-                             param_init_type=to_ms_dtype(param_init_type), compute_dtype=linear.compute_dtype,
-                             has_bias=linear.has_bias)
             prefix = linear.weight.name[:-len("weight")]
-            lora.weight = linear.weight
-            if linear.has_bias:
-                lora.bias = linear.bias
+            if isinstance(linear, QuantizedLinear):
+                lora = QuantizedLoRA(linear, lora_rank, lora_alpha, lora_dropout, to_ms_dtype(param_init_type))
+            else:
+                lora = LoRADense(linear.in_channels, linear.out_channels, lora_rank, float(lora_alpha), lora_dropout,
+                                 param_init_type=to_ms_dtype(param_init_type), compute_dtype=linear.compute_dtype,
+                                 has_bias=linear.has_bias)
+                lora.weight = linear.weight
+                if linear.has_bias:
+                    lora.bias = linear.bias
             setattr(parent, attr, lora)
             lora.update_parameters_name(prefix)   # re-attach the full path the reparenting dropped
             wrapped.append(prefix[:-1])
@@ -117,8 +152,14 @@ def load_lora(model, path):
 
 
 def merged_weights(model):
-    """{weight name: W + (alpha / rank)·B·A} for every LoRA-wrapped Linear, as float32 numpy arrays."""
+    """{weight name: W + (alpha / rank)·B·A} for every LoRA-wrapped Linear, as float32 numpy arrays. A quantized
+    base is refused (UserError): its weights are int8/int4, and re-quantizing a merge would change every weight
+    the LoRA touches by a rounding step."""
     from mindpet.delta import LoRADense
+    if any(isinstance(cell, QuantizedLoRA) for _, cell in model.cells_and_names()):
+        raise UserError("--merge_output needs the float base model, not a quantized one: run with "
+                        "--quantization_bit 0 to merge (the merged checkpoint then loads with --quantization_bit "
+                        "8 or 4, quantized while it loads)")
     merged = {}
     for _, cell in model.cells_and_names():
         if isinstance(cell, LoRADense):

@@ -227,28 +227,88 @@ def read_checkpoint(path, choice_func=None):
         raise CheckpointFileError(f"cannot read {path} as a MindSpore checkpoint: {first}") from None
 
 
+def _checkpoint_tensors(path, params, prefix):
+    """(name, value) of every tensor of a checkpoint file. Float tensors the model holds quantized (its int8
+    `weight` Parameters) are read from a .safetensors file one at a time into their own buffer (numpy), so that
+    quantizing them at load time never maps the fp16 weights; everything else as read_checkpoint gives it. A .ckpt
+    file is read whole by MindSpore."""
+    from visualglm.checkpoint_io import read_safetensors_header, read_safetensors_tensor
+    quantized = {name for name, param in params.items() if param.dtype == ms.int8}
+    separate = {}
+    if str(path).endswith(".safetensors") and quantized:
+        check_checkpoint_file(path)
+        entries, _ = read_safetensors_header(path)
+        separate = {name: entry for name, entry in entries.items()
+                    if prefix + name in quantized and entry.code in ("F16", "F32", "BF16")}
+    yield from read_checkpoint(path, choice_func=(lambda name: name not in separate) if separate else None).items()
+    for name, entry in separate.items():
+        yield name, read_safetensors_tensor(path, entry)
+
+
+def _is_int8(value):
+    return value.dtype == (np.int8 if isinstance(value, np.ndarray) else ms.int8)
+
+
+def _quantized_value(path, name, value, param, model_bits):
+    """{name: array} to load for a GLM Linear weight whose model parameter or checkpoint tensor is quantized:
+    a float tensor into an int8 parameter is quantized here (weight and weight_scale); an int8 tensor must have
+    the parameter's bit width. QuantizationMismatchError otherwise (the checkpoint's bits named)."""
+    from visualglm import quantization
+    shape = tuple(value.shape)
+    if param.dtype != ms.int8 or (_is_int8(value) and shape != tuple(param.shape)):
+        in_channels = param.shape[1] * 8 // model_bits if model_bits else param.shape[1]
+        found = quantization.stored_bits(shape, in_channels)
+        if found is None:
+            raise CheckpointMismatchError(f"{path}: {name!r} is int8 {shape}, the model expects {tuple(param.shape)} "
+                                          "(is the config the checkpoint's?)")
+        raise quantization.mismatch(path, name, found, model_bits)
+    if _is_int8(value):
+        return {name: value}
+    columns = param.shape[1] * 8 // model_bits
+    if shape != (param.shape[0], columns):
+        raise CheckpointMismatchError(f"{path}: {name!r} has shape {shape}, the model expects "
+                                      f"{(param.shape[0], columns)} before int{model_bits} quantization (is the "
+                                      "config the checkpoint's?)")
+    array = value if isinstance(value, np.ndarray) else value.asnumpy()
+    q, scale = quantization.quantize(array, model_bits)
+    return {name: q, name + quantization.SCALE_SUFFIX: scale}
+
+
 def load_weights(model, *, vit=None, qformer=None, glm=None, strict=True):
     """Load the converted ViT, Q-Former (with ln_vision, query_tokens, llm_proj) and GLM checkpoints
     (spec §14.6). GLM names carry no `llm_model.` prefix in the file; the Q-Former slot also takes a
     whole-model checkpoint (full names, as MindFormers loads it over the whole model). Files are `.ckpt` or
     MindSpore `.safetensors` (memory-mapped: build the model with delay_init so that its parameters become
     views of the files and no weight is held twice). Every tensor's shape is checked;
-    with `strict`, model parameters no file provides are an error. Returns the loaded names."""
+    with `strict`, model parameters no file provides are an error. Returns the loaded names.
+
+    A model with quantization_bit 8/4 takes a checkpoint quantized at the same width (convert_weight.py
+    --quantization_bit) or a float one, whose GLM layer weights are quantized here one tensor at a time; a
+    checkpoint quantized at another width than the model's is a one-line QuantizationMismatchError."""
+    from visualglm.quantization import SCALE_SUFFIX, is_quantized_weight
     params = {p.name: p for p in model.get_parameters()}
+    model_bits = model.config.text_config.quantization_bit if hasattr(model, "config") else 0
     loaded = {}
     for path, prefix, part in ((vit, "", "visual_encoder."), (qformer, "", None), (glm, "llm_model.", None)):
         if path is None:
             continue
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        for name, value in read_checkpoint(path).items():
+        for name, value in _checkpoint_tensors(path, params, prefix):
             if name.endswith(_IGNORED_CHECKPOINT_SUFFIXES) or _is_cache(name):
                 continue
             if part is not None and not name.startswith(part):
                 continue  # the MindFormers ViT file also carries ln_vision, which the Q-Former file provides
             target = prefix + name
+            if target.endswith(SCALE_SUFFIX) and target not in params and \
+                    is_quantized_weight(target[:-len(SCALE_SUFFIX)]):
+                continue  # a quantized checkpoint for a float model: its weight says so, with the bit width
             if target not in params:
                 raise CheckpointMismatchError(f"{path}: parameter {name!r} does not exist in the model")
+            if is_quantized_weight(target) and (params[target].dtype == ms.int8 or _is_int8(value)):
+                for key, array in _quantized_value(path, name, value, params[target], model_bits).items():
+                    loaded[prefix + key] = array
+                continue
             if tuple(value.shape) != tuple(params[target].shape):
                 raise CheckpointMismatchError(
                     f"{path}: {name!r} has shape {tuple(value.shape)}, the model expects "
@@ -260,6 +320,8 @@ def load_weights(model, *, vit=None, qformer=None, glm=None, strict=True):
         raise CheckpointMismatchError(f"{len(missing)} model parameters are in no checkpoint: {shown}")
     for name, value in loaded.items():
         param = params[name]
+        if isinstance(value, np.ndarray):
+            value = Tensor(value)
         # Same dtype: the parameter takes the loaded array itself (for .safetensors, the file's mapping).
         param.set_data(value if value.dtype == param.dtype else value.astype(param.dtype))
     return sorted(loaded)

@@ -1,17 +1,23 @@
-"""A CPU linear kernel (x · Wᵀ with float16 or float32 weights, float32 accumulation) as a MindSpore custom op.
+"""A CPU linear kernel (x · Wᵀ with float16, float32, int8 or int4 weights, float32 accumulation) as a MindSpore
+custom op.
 
 `linear_cpu.cc` is compiled with the system C++ compiler on first use into a cache folder and called through
-`ops.Custom(func_type="aot")`, in GRAPH mode and in PyNative. Two code paths live in the one library, AVX-512
-(F + F16C) and AVX2 + FMA + F16C; the CPU's features decide at run time which one runs.
+`ops.Custom(func_type="aot")`, in GRAPH mode and in PyNative. Three code paths live in the one library, AVX-512 VNNI
+(AVX-512 with BW and VNNI: quantized decode products on int16 x, see linear_cpu.cc), AVX-512 (F + F16C) and
+AVX2 + FMA + F16C; the CPU's features decide at run time which one runs.
 
 Public API:
-    kernel_path() -> "avx512" | "avx2" | None
+    kernel_path() -> "avx512vnni" | "avx512" | "avx2" | None
     linear_op(transpose_b, *, path=None) -> primitive | None: op(x [..., K] float32, w) -> [..., N] float32 with
         w [N, K] (transpose_b=True, torch Linear layout) or [K, N] (transpose_b=False), float16 or float32 (a
         Parameter as stored: no cast, no copy). `path` forces one of the CPU's paths (tests, benchmarks).
+    quantized_linear_op(bits, *, path=None) -> primitive | None: op(x [..., K] float32, q, scale) -> [..., N]
+        float32 = (x · qᵀ) · scale for visualglm.quantization's weights: q int8 [N, K] (bits 8) or [N, K/2]
+        (bits 4, two values per byte), scale float16 [N]. Rows 1-8 (decode) run dot-product tiles on the integers;
+        more rows dequantize weight blocks into float32 (the fp16 prefill path). Inference only (no bprop).
 
 Environment:
-    VISUALGLM_CPU_KERNEL     auto (default) | avx512 | avx2 | off. A path this CPU lacks falls back to the best
+    VISUALGLM_CPU_KERNEL     auto (default) | avx512vnni | avx512 | avx2 | off. A path this CPU lacks falls back to the best
                              available one, with a warning (the one log line says so); any other value is a
                              ValueError from kernel_path().
     CXX                      the compiler (default g++).
@@ -40,14 +46,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["kernel_path", "linear_op"]
+__all__ = ["kernel_path", "linear_op", "quantized_linear_op"]
 
 SOURCE = Path(__file__).resolve().with_name("linear_cpu.cc")
-ABI_VERSION = 1
+ABI_VERSION = 2
 CXX_FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-w")
-PATHS = ("avx512", "avx2")
+PATHS = ("avx512vnni", "avx512", "avx2")
 _ENV_CHOICES = ("auto", "off") + PATHS
-_FEATURE_BITS = {"avx2": 1, "avx512": 2}
+_FEATURE_BITS = {"avx2": 1, "avx512": 2, "avx512vnni": 4}
 
 logger = logging.getLogger("visualglm.kernels")
 
@@ -171,30 +177,40 @@ def _build():
     return library
 
 
+def _call(func, *arrays):
+    """func(params...) with MindSpore's AOT signature over numpy arrays (the last one the output); its return code."""
+    count = len(arrays)
+    params = (ctypes.c_void_p * count)(*(a.ctypes.data for a in arrays))
+    ndims = (ctypes.c_int * count)(*(a.ndim for a in arrays))
+    dims = [(ctypes.c_int64 * a.ndim)(*a.shape) for a in arrays]
+    shapes = (ctypes.POINTER(ctypes.c_int64) * count)(*(ctypes.cast(d, ctypes.POINTER(ctypes.c_int64)) for d in dims))
+    dtypes = (ctypes.c_char_p * count)(*(a.dtype.name.encode() for a in arrays))
+    return func(count, params, ndims, shapes, dtypes, None, None)
+
+
 def _self_test(lib, path):
-    """A few small products through the library itself (both layouts and weight types, decode and prefill
-    sizes) against numpy: a library that computes wrong numbers is not used."""
+    """A few small products through the library itself (both layouts and weight types, int8 and int4, decode and
+    prefill sizes) against numpy: a library that computes wrong numbers is not used."""
+    from visualglm.quantization import dequantize, quantize
     rng = np.random.default_rng(0)
-    for nt in (True, False):
-        for wdt in (np.float16, np.float32):
-            for m, k, n in ((1, 37, 19), (11, 70, 45), (3, 256, 520), (20, 64, 300)):  # serial, threaded
-                x = rng.standard_normal((m, k)).astype(np.float32)
+    for m, k, n in ((1, 38, 19), (11, 70, 45), (3, 256, 520), (20, 64, 300)):  # serial, threaded
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        cases = []
+        for nt in (True, False):
+            for wdt in (np.float16, np.float32):
                 w = rng.standard_normal((n, k) if nt else (k, n)).astype(wdt)
-                out = np.empty((m, n), np.float32)
-                arrays = (x, w, out)
-                params = (ctypes.c_void_p * 3)(*(a.ctypes.data for a in arrays))
-                ndims = (ctypes.c_int * 3)(2, 2, 2)
-                dims = [(ctypes.c_int64 * 2)(*a.shape) for a in arrays]
-                shapes = (ctypes.POINTER(ctypes.c_int64) * 3)(*(ctypes.cast(d, ctypes.POINTER(ctypes.c_int64))
-                                                                for d in dims))
-                dtypes = (ctypes.c_char_p * 3)(*(a.dtype.name.encode() for a in arrays))
-                func = getattr(lib, f"vg_linear_{'nt' if nt else 'nn'}_{path}")
-                if func(3, params, ndims, shapes, dtypes, None, None) != 0:
-                    raise _Unavailable("self-test: the kernel refused its arguments", logging.WARNING)
                 w64 = w.astype(np.float64)
-                ref = x.astype(np.float64) @ (w64.T if nt else w64)
-                if not np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max()):
-                    raise _Unavailable("self-test: wrong results", logging.WARNING)
+                cases.append((f"vg_linear_{'nt' if nt else 'nn'}_{path}", (w,), w64.T if nt else w64))
+        for bits in (8, 4):
+            q, scale = quantize(rng.standard_normal((n, k)).astype(np.float16), bits)
+            cases.append((f"vg_qlinear{bits}_{path}", (q, scale), dequantize(q, scale, bits).astype(np.float64).T))
+        for name, weights, w_kn in cases:
+            out = np.empty((m, n), np.float32)
+            if _call(getattr(lib, name), x, *weights, out) != 0:
+                raise _Unavailable(f"self-test: {name} refused its arguments", logging.WARNING)
+            ref = x.astype(np.float64) @ w_kn
+            if not np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max()):
+                raise _Unavailable(f"self-test: {name} computes wrong results", logging.WARNING)
 
 
 def _resolve():
@@ -244,9 +260,9 @@ def _resolve():
 
 
 def kernel_path():
-    """The kernel path this process uses ("avx512", "avx2"), or None when it uses MindSpore's MatMul.
+    """The kernel path this process uses ("avx512vnni", "avx512", "avx2"), or None when it uses MindSpore's MatMul.
     The first call builds/loads the library and logs the decision; later calls return the cached answer.
-    Raises ValueError only for a VISUALGLM_CPU_KERNEL value that is not one of auto/avx512/avx2/off."""
+    Raises ValueError only for a VISUALGLM_CPU_KERNEL value that is not one of auto/avx512vnni/avx512/avx2/off."""
     with _lock:
         if not _resolved:
             _resolve()
@@ -259,8 +275,14 @@ def linear_op(transpose_b=True, *, path=None):
     Works in GRAPH mode (inside a Cell's construct) and in PyNative, and has a bprop (dx by the kernel, dW by
     MindSpore's MatMul). Other dtypes or mismatched shapes raise TypeError/ValueError at shape inference (graph
     compile, or the eager call). One primitive per (path, layout), cached.
-    `path` ("avx512"/"avx2", for tests and benchmarks) runs that path instead of kernel_path()'s; ValueError if
+    `path` (one of PATHS, for tests and benchmarks) runs that path instead of kernel_path()'s; ValueError if
     this CPU cannot run it."""
+    return _cached_op(path, ("float", bool(transpose_b)), lambda chosen: _make_op(chosen, bool(transpose_b)))
+
+
+def _cached_op(path, key, make):
+    """The primitive make(path) for `path` (default: kernel_path()'s), made once per (path, key); None without a
+    kernel; ValueError for a path this CPU cannot run."""
     chosen = kernel_path()
     if chosen is None:
         return None
@@ -268,11 +290,44 @@ def linear_op(transpose_b=True, *, path=None):
         path = chosen
     elif path not in _available:
         raise ValueError(f"CPU linear kernel path {path!r} is not available here (available: {_available})")
-    key = (path, bool(transpose_b))
     with _lock:
-        if key not in _ops:
-            _ops[key] = _make_op(path, bool(transpose_b))
-        return _ops[key]
+        if (path,) + key not in _ops:
+            _ops[(path,) + key] = make(path)
+        return _ops[(path,) + key]
+
+
+def quantized_linear_op(bits, *, path=None):
+    """A MindSpore primitive y = op(x, q, scale): x [..., K] float32, q int8 [N, K·bits/8] (bits 8 or 4, packed as
+    visualglm.quantization packs it), scale float16 [N]; y [..., N] float32 = (x · qᵀ) · scale. None when
+    kernel_path() is None. Inference only: no bprop. One primitive per (path, bits), cached; `path` as in
+    linear_op."""
+    if bits not in (8, 4):
+        raise ValueError(f"quantized CPU kernel: bits must be 8 or 4, got {bits!r}")
+    return _cached_op(path, ("int", bits), lambda chosen: _make_quantized_op(chosen, bits))
+
+
+def _make_quantized_op(path, bits):
+    import mindspore as ms
+    from mindspore import ops
+
+    def out_shape(x_shape, q_shape, scale_shape):
+        n, k = q_shape[0] if len(q_shape) == 2 else -1, x_shape[-1] if x_shape else -1
+        if len(x_shape) < 1 or len(q_shape) != 2 or list(scale_shape) != [n] or \
+                (k >= 0 and q_shape[1] >= 0 and k * bits != q_shape[1] * 8):
+            raise ValueError(f"quantized CPU kernel (int{bits}): x {list(x_shape)}, q {list(q_shape)} and scale "
+                             f"{list(scale_shape)} do not fit (q [N, K·{bits}/8], scale [N])")
+        return list(x_shape[:-1]) + [n]
+
+    def out_dtype(x_dtype, q_dtype, scale_dtype):
+        x_dtype, q_dtype, scale_dtype = (getattr(t, "element_type", lambda t=t: t)()
+                                         for t in (x_dtype, q_dtype, scale_dtype))
+        if x_dtype != ms.float32 or q_dtype != ms.int8 or scale_dtype != ms.float16:
+            raise TypeError(f"quantized CPU kernel: x must be float32, q int8 and scale float16, got {x_dtype}, "
+                            f"{q_dtype} and {scale_dtype}")
+        return ms.float32
+
+    return ops.Custom(f"{_library}:vg_qlinear{bits}_{path}", out_shape=out_shape, out_dtype=out_dtype,
+                      func_type="aot")
 
 
 def _make_op(path, transpose_b):

@@ -8,10 +8,18 @@
 // with params = {x, w, out}):
 //   vg_linear_nt_avx512, vg_linear_nn_avx512   AVX-512F (+ F16C, FMA)
 //   vg_linear_nt_avx2,   vg_linear_nn_avx2     AVX2 + FMA + F16C
+// and the weight-only quantized products (params = {x, q, scale, out}; q int8 [N, K] for 8 bits or [N, K/2] for
+// 4 bits, two values per byte, the even column in the high nibble as THUDM's int4WeightCompression packs them;
+// scale float16 [N]; out = (x · qᵀ) · scale, float32 accumulation):
+//   vg_qlinear8_avx512, vg_qlinear4_avx512, vg_qlinear8_avx2, vg_qlinear4_avx2
+// and all six again as *_avx512vnni (AVX-512 BW + VNNI): the same except for quantized weights times 1-8 rows, where
+// x is rounded to int16 per row (scale max|x| / 32767: a relative error under 2e-5 of max|x| per element, below
+// float16's rounding) and the products run on vpdpwssd (int16 pairs into int32), which the int4 unpacking
+// otherwise leaves compute-bound on two cores.
 // and plain C helpers for the loader: vg_cpu_features(), vg_num_threads(), vg_abi_version().
 //
-// One translation unit, no -march flags: the kernel body at the end of this file is included twice, once
-// under `#pragma GCC target("avx2,fma,f16c")` and once under an AVX-512 target, into two namespaces, so the
+// One translation unit, no -march flags: the kernel body at the end of this file is included three times, under
+// `#pragma GCC target("avx2,fma,f16c")`, an AVX-512 target and an AVX-512 VNNI one, into three namespaces, so the
 // library loads on any x86-64 CPU and only the path the loader picks (after checking vg_cpu_features) runs.
 //
 // Work split: the N dimension is cut into up to 8 chunks per thread, which the threads of a small persistent
@@ -19,8 +27,11 @@
 // sleep on a futex) claim one at a time. Thread count: VISUALGLM_KERNEL_THREADS, else the number of CPUs in
 // the process's affinity mask. Jobs under 0.2 MFLOP run on the calling thread alone.
 //   M <= 8 rows  ("decode"): every weight element is read once for all rows, bandwidth-bound.
-//   M >  8 rows  ("prefill"): blocked for cache reuse; weight blocks are converted (fp16) or copied (fp32)
-//                into a per-thread fp32 buffer that all rows reuse.
+//   M >  8 rows  ("prefill"): blocked for cache reuse; weight blocks are converted (fp16, int8, int4 times their
+//                row scales) or copied (fp32) into a per-thread fp32 buffer that all rows reuse.
+// int4: every block of 2·VW columns of x is copied with its even columns first, then its odd ones, so that
+// the two vectors one byte-vector of weights unpacks into (high nibbles = even columns, low = odd) meet their
+// x without a shuffle; the K % (2·VW) tail keeps the natural order and runs scalar.
 // Rows of x (M >= 2) and of weight blocks are copied at a padded stride: rows 4 KB apart share one L1 set.
 
 #ifndef VG_KERNEL_BODY
@@ -36,9 +47,11 @@
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 
 #ifndef __x86_64__
 #error "linear_cpu.cc is x86-64 only"
@@ -235,6 +248,11 @@ struct Problem {
   bool w_half;
   int64_t M, K, N;
   int64_t ldx;  // x's row stride (K, or a padded copy's)
+  const uint16_t* scale = nullptr;  // quantized weights: float16 [N]
+  int bits = 0;                     // 8 or 4 for quantized weights, 0 for float ones
+  const int16_t* xq = nullptr;      // VNNI decode: x rounded to int16, rows ldxq apart, and each row's scale
+  int64_t ldxq = 0;
+  float xscale[8] = {};
 };
 
 static bool is_f32(const char* t) { return t && (!strcmp(t, "float32") || !strcmp(t, "float")); }
@@ -263,6 +281,35 @@ static bool parse(int nparam, void** params, int* ndims, int64_t** shapes, const
   p->K = K;
   p->N = N;
   p->ldx = K;
+  return true;
+}
+
+// x [..., K] float32, q int8 [N, K·bits/8], scale float16 [N], out [..., N] float32.
+static bool parse_quantized(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, int bits,
+                            Problem* p) {
+  if (nparam != 4 || !params || !ndims || !shapes || !dtypes) return false;
+  if (ndims[0] < 1 || ndims[1] != 2 || ndims[2] != 1 || ndims[3] != ndims[0]) return false;
+  if (!is_f32(dtypes[0]) || !dtypes[1] || strcmp(dtypes[1], "int8") || !is_f16(dtypes[2]) || !is_f32(dtypes[3]))
+    return false;
+  int64_t M = 1;
+  for (int i = 0; i + 1 < ndims[0]; ++i) {
+    if (shapes[0][i] < 0 || shapes[3][i] != shapes[0][i]) return false;
+    M *= shapes[0][i];
+  }
+  const int64_t K = shapes[0][ndims[0] - 1], N = shapes[1][0];
+  if (K < 0 || N < 0 || K * bits % 8 || shapes[1][1] != K * bits / 8 || shapes[2][0] != N ||
+      shapes[3][ndims[3] - 1] != N)
+    return false;
+  p->x = static_cast<const float*>(params[0]);
+  p->w = params[1];
+  p->scale = static_cast<const uint16_t*>(params[2]);
+  p->out = static_cast<float*>(params[3]);
+  p->w_half = false;
+  p->M = M;
+  p->K = K;
+  p->N = N;
+  p->ldx = K;
+  p->bits = bits;
   return true;
 }
 
@@ -302,10 +349,22 @@ static int chunks_for(double flops, int64_t units) {
 #undef VG_ISA
 #pragma GCC pop_options
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")
+#define VG_ISA 512
+#define VG_VNNI 1
+#define VG_NS vg_avx512vnni
+#include __FILE__
+#undef VG_NS
+#undef VG_VNNI
+#undef VG_ISA
+#pragma GCC pop_options
+
 // ------------------------------------------- exports ------------------------------------------------
 extern "C" {
 
-// Bit 0: AVX2 + FMA + F16C usable; bit 1: AVX-512F usable as well (OS state saving included).
+// Bit 0: AVX2 + FMA + F16C usable; bit 1: AVX-512F usable as well (OS state saving included); bit 2: AVX-512 BW
+// and VNNI as well.
 int vg_cpu_features(void) {
   __builtin_cpu_init();
   int f = 0;
@@ -318,32 +377,47 @@ int vg_cpu_features(void) {
   }
   if (avx2 && f16c) f |= 1;
   if ((f & 1) && __builtin_cpu_supports("avx512f")) f |= 2;
+  if ((f & 2) && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni")) f |= 4;
   return f;
 }
 
 int vg_num_threads(void) { return vg::pool()->size(); }
 
-int vg_abi_version(void) { return 1; }
+int vg_abi_version(void) { return 2; }
 
-#define VG_EXPORT(name, ns, nt)                                                                          \
+// An entry point: parse the arguments (the expression `parsed`, which fills p), then the product.
+#define VG_ENTRY(name, ns, parsed, nt)                                                                   \
   int name(int nparam, void** params, int* ndims, int64_t** shapes, const char** dtypes, void* stream,   \
            void* extra) {                                                                                \
     (void)stream;                                                                                        \
     (void)extra;                                                                                         \
     vg::Problem p;                                                                                       \
-    if (!vg::parse(nparam, params, ndims, shapes, dtypes, nt, &p)) return 1;                             \
+    if (!(parsed)) return 1;                                                                             \
     return ns::linear(p, nt);                                                                            \
   }
+#define VG_EXPORT(name, ns, nt) VG_ENTRY(name, ns, vg::parse(nparam, params, ndims, shapes, dtypes, nt, &p), nt)
+#define VG_EXPORT_Q(name, ns, bits) \
+  VG_ENTRY(name, ns, vg::parse_quantized(nparam, params, ndims, shapes, dtypes, bits, &p), true)
 
 VG_EXPORT(vg_linear_nt_avx512, vg_avx512, true)
 VG_EXPORT(vg_linear_nn_avx512, vg_avx512, false)
 VG_EXPORT(vg_linear_nt_avx2, vg_avx2, true)
 VG_EXPORT(vg_linear_nn_avx2, vg_avx2, false)
 
+VG_EXPORT_Q(vg_qlinear8_avx512, vg_avx512, 8)
+VG_EXPORT_Q(vg_qlinear4_avx512, vg_avx512, 4)
+VG_EXPORT_Q(vg_qlinear8_avx2, vg_avx2, 8)
+VG_EXPORT_Q(vg_qlinear4_avx2, vg_avx2, 4)
+VG_EXPORT(vg_linear_nt_avx512vnni, vg_avx512vnni, true)
+VG_EXPORT(vg_linear_nn_avx512vnni, vg_avx512vnni, false)
+VG_EXPORT_Q(vg_qlinear8_avx512vnni, vg_avx512vnni, 8)
+VG_EXPORT_Q(vg_qlinear4_avx512vnni, vg_avx512vnni, 4)
+
 }  // extern "C"
 
 #else  // ================================ VG_KERNEL_BODY ================================================
-// Included twice above, with VG_ISA = 256 (AVX2) or 512 (AVX-512) and the matching target pragma.
+// Included three times above, with VG_ISA = 256 (AVX2) or 512 (AVX-512, and VG_VNNI for AVX-512 VNNI) and the
+// matching target pragma.
 
 namespace VG_NS {
 
@@ -358,9 +432,20 @@ static inline V vloadw(const float* p) { return _mm512_loadu_ps(p); }
 static inline V vloadw(const uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
+static inline V vloadw(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+// VW bytes of int4 pairs -> their VW high nibbles (even columns) and VW low nibbles (odd columns), sign-extended.
+static inline void vload_q4(const int8_t* p, V* even, V* odd) {
+  const __m512i b = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  *even = _mm512_cvtepi32_ps(_mm512_srai_epi32(b, 4));
+  *odd = _mm512_cvtepi32_ps(_mm512_srai_epi32(_mm512_slli_epi32(b, 28), 28));
+}
 static inline V vbcast(const float* p) { return _mm512_set1_ps(*p); }
+static inline V vset1(float v) { return _mm512_set1_ps(v); }
 static inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 static inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+static inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
 static inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
 static inline __m256 half_sum(V v) {
   return _mm256_add_ps(_mm512_castps512_ps256(v),
@@ -370,6 +455,8 @@ static inline __m256 half_sum(V v) {
 template <int M> struct DecodeNR {
   static constexpr int value = M <= 2 ? 8 : M <= 4 ? 6 : M == 5 ? 5 : M == 6 ? 4 : 3;
 };
+// int4 decode: each weight row gives two vectors per step, each multiplied by two x vectors per row of x.
+template <int M> struct DecodeNR4 { static constexpr int value = M <= 2 ? 4 : M <= 4 ? 3 : M <= 6 ? 2 : 1; };
 constexpr int NT_MR = 4, NT_NR = 6;    // prefill, nt layout (dot products on fp32 blocks)
 constexpr int NN_MR = 12, NN_NRV = 2;  // prefill, nn layout: 12 rows x 32 columns
 #else
@@ -381,18 +468,32 @@ static inline V vloadw(const float* p) { return _mm256_loadu_ps(p); }
 static inline V vloadw(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
+static inline V vloadw(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+static inline void vload_q4(const int8_t* p, V* even, V* odd) {
+  const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  *even = _mm256_cvtepi32_ps(_mm256_srai_epi32(b, 4));
+  *odd = _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(b, 28), 28));
+}
 static inline V vbcast(const float* p) { return _mm256_broadcast_ss(p); }
+static inline V vset1(float v) { return _mm256_set1_ps(v); }
 static inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 static inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+static inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
 static inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
 static inline __m256 half_sum(V v) { return v; }
 template <int M> struct DecodeNR { static constexpr int value = M <= 2 ? 4 : M == 3 ? 3 : M <= 6 ? 2 : 1; };
+template <int M> struct DecodeNR4 { static constexpr int value = M <= 1 ? 3 : M <= 3 ? 2 : 1; };
 constexpr int NT_MR = 3, NT_NR = 3;
 constexpr int NN_MR = 6, NN_NRV = 2;   // 6 rows x 16 columns
 #endif
 
 static inline float tof(float v) { return v; }
 static inline float tof(uint16_t v) { return _cvtsh_ss(v); }
+static inline float tof(int8_t v) { return static_cast<float>(v); }
+static inline int q4_high(int8_t b) { return b >> 4; }                             // the even column
+static inline int q4_low(int8_t b) { return static_cast<int8_t>(b << 4) >> 4; }    // the odd column
 
 // Sum of each of 4 vectors -> one __m128 {sum(a), sum(b), sum(c), sum(d)}.
 static inline __m128 sum4(V a, V b, V c, V d) {
@@ -409,6 +510,24 @@ static inline float sum1(V a) {
   return _mm_cvtss_f32(s);
 }
 
+// Every register of an accumulator tile set to v.
+template <typename T, int MR, int NR>
+static inline void fill(T (&tile)[MR][NR], T v) {
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) tile[m][r] = v;
+}
+
+// s[r] = the sum of acc[r]'s lanes.
+template <int NR>
+static inline void row_sums(const V* acc, float* s) {
+#pragma GCC unroll 8
+  for (int r = 0; r < NR / 4 * 4; r += 4) _mm_storeu_ps(s + r, sum4(acc[r], acc[r + 1], acc[r + 2], acc[r + 3]));
+#pragma GCC unroll 8
+  for (int r = NR / 4 * 4; r < NR; ++r) s[r] = sum1(acc[r]);
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Dot-product tile: out[m][r] (+)= sum_k x[m][k] * w[r][k] for m < MR, r < NR (w rows of length K).
 // ---------------------------------------------------------------------------------------------------
@@ -416,10 +535,7 @@ template <int MR, int NR, typename WT>
 static void dot_tile(const float* x, int64_t ldx, const WT* w, int64_t ldw, int64_t K, float* out, int64_t ldo,
                      bool accumulate) {
   V acc[MR][NR];
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m)
-#pragma GCC unroll 8
-    for (int r = 0; r < NR; ++r) acc[m][r] = vzero();
+  fill(acc, vzero());
   const int64_t kv = K - K % VW;
   for (int64_t k = 0; k < kv; k += VW) {
     V wv[NR];
@@ -435,12 +551,7 @@ static void dot_tile(const float* x, int64_t ldx, const WT* w, int64_t ldw, int6
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) {
     float s[NR];
-#pragma GCC unroll 8
-    for (int r = 0; r < NR / 4 * 4; r += 4) {
-      _mm_storeu_ps(s + r, sum4(acc[m][r], acc[m][r + 1], acc[m][r + 2], acc[m][r + 3]));
-    }
-#pragma GCC unroll 8
-    for (int r = NR / 4 * 4; r < NR; ++r) s[r] = sum1(acc[m][r]);
+    row_sums<NR>(acc[m], s);
     for (int64_t k = kv; k < K; ++k) {
       const float xk = x[m * ldx + k];
       for (int q = 0; q < NR; ++q) s[q] += xk * tof(w[q * ldw + k]);
@@ -471,20 +582,201 @@ static void nt_decode_part(const Problem& p, int chunk, int chunks) {
   for (; n < n1; ++n) dot_tile<M, 1, WT>(p.x, p.ldx, w + n * p.K, p.K, p.K, p.out + n, p.N, false);
 }
 
+// f(std::integral_constant<int, M>) for the decode row counts 1 … 8.
+template <typename F>
+static inline void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    case 5: f(std::integral_constant<int, 5>()); break;
+    case 6: f(std::integral_constant<int, 6>()); break;
+    case 7: f(std::integral_constant<int, 7>()); break;
+    default: f(std::integral_constant<int, 8>()); break;
+  }
+}
+
 template <typename WT>
 static void nt_decode_job(void* ctx, int chunk, int chunks) {
   const Problem& p = static_cast<Ctx*>(ctx)->p;
-  switch (p.M) {
-    case 1: nt_decode_part<1, WT>(p, chunk, chunks); break;
-    case 2: nt_decode_part<2, WT>(p, chunk, chunks); break;
-    case 3: nt_decode_part<3, WT>(p, chunk, chunks); break;
-    case 4: nt_decode_part<4, WT>(p, chunk, chunks); break;
-    case 5: nt_decode_part<5, WT>(p, chunk, chunks); break;
-    case 6: nt_decode_part<6, WT>(p, chunk, chunks); break;
-    case 7: nt_decode_part<7, WT>(p, chunk, chunks); break;
-    default: nt_decode_part<8, WT>(p, chunk, chunks); break;
+  with_rows(p.M, [&](auto m) { nt_decode_part<decltype(m)::value, WT>(p, chunk, chunks); });
+}
+
+// ----------------------------------- quantized, M <= 8 (decode) -------------------------------------
+// int4 tile: out[m][r] = sum_k x[m][k] * q[r][k], q's rows ldw bytes apart, x's 2·VW-column blocks permuted
+// (even columns, then odd ones) up to the K % (2·VW) tail.
+template <int MR, int NR>
+static void dot_tile_q4(const float* x, int64_t ldx, const int8_t* w, int64_t ldw, int64_t K, float* out,
+                        int64_t ldo) {
+  V acc[MR][NR];
+  fill(acc, vzero());
+  const int64_t kv = K - K % (2 * VW);
+  for (int64_t k = 0; k < kv; k += 2 * VW) {
+#pragma GCC unroll 8
+    for (int r = 0; r < NR; ++r) {
+      V even, odd;
+      vload_q4(w + r * ldw + k / 2, &even, &odd);
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        acc[m][r] = vfma(vload(x + m * ldx + k), even, acc[m][r]);
+        acc[m][r] = vfma(vload(x + m * ldx + k + VW), odd, acc[m][r]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    float s[NR];
+    row_sums<NR>(acc[m], s);
+    for (int64_t k = kv; k < K; k += 2) {
+      for (int q = 0; q < NR; ++q) {
+        const int8_t b = w[q * ldw + k / 2];
+        s[q] += x[m * ldx + k] * q4_high(b) + x[m * ldx + k + 1] * q4_low(b);
+      }
+    }
+    for (int q = 0; q < NR; ++q) out[m * ldo + q] = s[q];
   }
 }
+
+#ifdef VG_VNNI
+// ------------------------- quantized, M <= 8, int16 x on VNNI: q_tile's tiles there -------------------------
+// Steps of 64 columns: 64 int8 weights (two 32-byte loads) or 64 int4 ones (one; high nibbles = even columns,
+// low = odd, met by x's even then odd columns, as stage_xq lays them out) sign-extended to int16 and multiplied
+// with x's int16 pairs into int32 lanes. The lanes go into float accumulators every VNNI_FLUSH columns, before
+// they could overflow: a lane sums VNNI_FLUSH / 16 products of at most 127 · 32767.
+constexpr int64_t VNNI_STEP = 64, VNNI_FLUSH = 4096;
+template <int M> struct DecodeNRV { static constexpr int value = M <= 1 ? 4 : M <= 2 ? 3 : M <= 4 ? 2 : 1; };
+
+template <int BITS>
+static inline void vnni_weights(const int8_t* row, int64_t k, __m512i* first, __m512i* second) {
+  if constexpr (BITS == 8) {
+    *first = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k)));
+    *second = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k + 32)));
+  } else {
+    const __m512i b = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + k / 2)));
+    *first = _mm512_srai_epi16(b, 4);
+    *second = _mm512_srai_epi16(_mm512_slli_epi16(b, 12), 12);
+  }
+}
+
+template <int MR, int NR, int BITS>
+static void vnni_tile(const Problem& p, const int8_t* w, int64_t ldw, float* out) {
+  V facc[MR][NR];
+  fill(facc, vzero());
+  const int64_t kv = p.K - p.K % VNNI_STEP;
+  for (int64_t k0 = 0; k0 < kv; k0 += VNNI_FLUSH) {
+    const int64_t k1 = kv - k0 < VNNI_FLUSH ? kv : k0 + VNNI_FLUSH;
+    __m512i acc[MR][NR];
+    fill(acc, _mm512_setzero_si512());
+    for (int64_t k = k0; k < k1; k += VNNI_STEP) {
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) {
+        // The next tile's rows at this offset: rows of 2-4 KB are too short for the hardware prefetcher to
+        // ramp up on each (measured: int4 read 8 GB/s without this, fp16's longer rows 18 GB/s).
+        _mm_prefetch(reinterpret_cast<const char*>(w + (NR + r) * ldw + k * BITS / 8), _MM_HINT_T1);
+        __m512i first, second;
+        vnni_weights<BITS>(w + r * ldw, k, &first, &second);
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; ++m) {
+          const int16_t* x = p.xq + m * p.ldxq + k;
+          acc[m][r] = _mm512_dpwssd_epi32(acc[m][r], first, _mm512_loadu_si512(x));
+          acc[m][r] = _mm512_dpwssd_epi32(acc[m][r], second, _mm512_loadu_si512(x + 32));
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+      for (int r = 0; r < NR; ++r) facc[m][r] = vadd(facc[m][r], _mm512_cvtepi32_ps(acc[m][r]));
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    float s[NR];
+    row_sums<NR>(facc[m], s);
+    const int16_t* x = p.xq + m * p.ldxq;
+    for (int q = 0; q < NR; ++q) {
+      int64_t t = 0;   // the tail past the last full step, in natural column order
+      for (int64_t k = kv; k < p.K; ++k) {
+        const int8_t b = w[q * ldw + k * BITS / 8];
+        t += int64_t(x[k]) * (BITS == 8 ? b : (k % 2 ? q4_low(b) : q4_high(b)));
+      }
+      out[m * p.N + q] = (s[q] + static_cast<float>(t)) * p.xscale[m];
+    }
+  }
+}
+
+// x (M <= 8 rows) rounded to int16 in the calling thread's scratch: per row scale max|x| / 32767, int4's
+// 64-column blocks with their even columns first. False when no buffer could be had.
+static bool stage_xq(Problem* p) {
+  const int64_t ld = ((p->K + 63) / 64) * 64 + 32;   // 64 bytes off a multiple of 4 KB (see padded_stride)
+  int16_t* xq = reinterpret_cast<int16_t*>(vg::scratch(0, static_cast<size_t>(p->M * ld) / 2 + 16));
+  if (!xq) return false;
+  const int64_t kv = p->bits == 4 ? p->K - p->K % VNNI_STEP : 0;
+  for (int64_t m = 0; m < p->M; ++m) {
+    const float* x = p->x + m * p->K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < p->K; ++k) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+    const float scale = amax > 0.f ? amax / 32767.f : 1.f;
+    const float inv = 1.f / scale;
+    int16_t* d = xq + m * ld;
+    auto q = [&](float v) {
+      const float r = nearbyintf(v * inv);
+      return static_cast<int16_t>(r > 32767.f ? 32767.f : r < -32767.f ? -32767.f : r);
+    };
+    for (int64_t k = 0; k < kv; k += VNNI_STEP) {
+      for (int j = 0; j < 32; ++j) {
+        d[k + j] = q(x[k + 2 * j]);
+        d[k + 32 + j] = q(x[k + 2 * j + 1]);
+      }
+    }
+    for (int64_t k = kv; k < p->K; ++k) d[k] = q(x[k]);
+    p->xscale[m] = scale;
+  }
+  p->xq = xq;
+  p->ldxq = ld;
+  return true;
+}
+#endif  // VG_VNNI
+
+template <int M, int NR, int BITS>
+static inline void q_tile(const Problem& p, const int8_t* w, int64_t ldw, float* out) {
+#ifdef VG_VNNI
+  vnni_tile<M, NR, BITS>(p, w, ldw, out);
+#else
+  if constexpr (BITS == 8) {
+    dot_tile<M, NR, int8_t>(p.x, p.ldx, w, ldw, p.K, out, p.N, false);
+  } else {
+    dot_tile_q4<M, NR>(p.x, p.ldx, w, ldw, p.K, out, p.N);
+  }
+#endif
+}
+
+template <int M, int BITS>
+static void q_decode_part(const Problem& p, int chunk, int chunks) {
+#ifdef VG_VNNI
+  constexpr int NR = DecodeNRV<M>::value;
+#else
+  constexpr int NR = BITS == 8 ? DecodeNR<M>::value : DecodeNR4<M>::value;
+#endif
+  int64_t n0, n1;
+  vg::split_range(p.N, NR, chunk, chunks, &n0, &n1);
+  const int8_t* w = static_cast<const int8_t*>(p.w);
+  const int64_t ldw = p.K * BITS / 8;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) q_tile<M, NR, BITS>(p, w + n * ldw, ldw, p.out + n);
+  for (; n < n1; ++n) q_tile<M, 1, BITS>(p, w + n * ldw, ldw, p.out + n);
+  for (int m = 0; m < M; ++m) {   // the row scales, once per output
+    float* o = p.out + m * p.N;
+    for (n = n0; n < n1; ++n) o[n] *= tof(p.scale[n]);
+  }
+}
+
+template <int BITS>
+static void q_decode_job(void* ctx, int chunk, int chunks) {
+  const Problem& p = static_cast<Ctx*>(ctx)->p;
+  with_rows(p.M, [&](auto m) { q_decode_part<decltype(m)::value, BITS>(p, chunk, chunks); });
+}
+
 
 // ----------------------------------- nt layout, M > 8 (prefill) -------------------------------------
 // Per thread: its weight rows in blocks of NB rows x KC columns (converted to fp32 if fp16); every MR-row
@@ -524,12 +816,63 @@ static void convert_rows(const WT* w, int64_t ldw, int64_t rows, int64_t cols, f
   }
 }
 
+// The weights of the nt prefill: where row n, column k starts, how many bytes cols columns take, and the
+// conversion of a block of rows x columns into fp32.
 template <typename WT>
+struct FloatRows {
+  const WT* w;
+  int64_t K;
+  explicit FloatRows(const Problem& p) : w(static_cast<const WT*>(p.w)), K(p.K) {}
+  const char* at(int64_t n, int64_t k) const { return reinterpret_cast<const char*>(w + n * K + k); }
+  static int64_t bytes(int64_t cols) { return cols * int64_t(sizeof(WT)); }
+  void convert(int64_t n, int64_t rows, int64_t kc, int64_t cols, float* dst, int64_t ldd) const {
+    convert_rows<WT>(w + n * K + kc, K, rows, cols, dst, ldd);
+  }
+};
+
+// Quantized rows, converted times their scale; int4 blocks come out in x's permuted column order.
+template <int BITS>
+struct QuantRows {
+  const int8_t* w;
+  const uint16_t* scale;
+  int64_t K, ldw;
+  explicit QuantRows(const Problem& p)
+      : w(static_cast<const int8_t*>(p.w)), scale(p.scale), K(p.K), ldw(p.K * BITS / 8) {}
+  const char* at(int64_t n, int64_t k) const { return reinterpret_cast<const char*>(w + n * ldw + k * BITS / 8); }
+  static int64_t bytes(int64_t cols) { return cols * BITS / 8; }
+  void convert(int64_t n, int64_t rows, int64_t kc, int64_t cols, float* dst, int64_t ldd) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float s = tof(scale[n + r]);
+      const V sv = vset1(s);
+      const int8_t* src = w + (n + r) * ldw;
+      float* d = dst + r * ldd;
+      int64_t c = 0;
+      if constexpr (BITS == 8) {
+        for (; c + VW <= cols; c += VW) vstore(d + c, vmul(vloadw(src + kc + c), sv));
+        for (; c < cols; ++c) d[c] = tof(src[kc + c]) * s;
+      } else {  // kc is a multiple of 2·VW and cols even
+        for (; c + 2 * VW <= cols && kc + c + 2 * VW <= K; c += 2 * VW) {
+          V even, odd;
+          vload_q4(src + (kc + c) / 2, &even, &odd);
+          vstore(d + c, vmul(even, sv));
+          vstore(d + c + VW, vmul(odd, sv));
+        }
+        for (; c < cols; c += 2) {
+          const int8_t b = src[(kc + c) / 2];
+          d[c] = q4_high(b) * s;
+          d[c + 1] = q4_low(b) * s;
+        }
+      }
+    }
+  }
+};
+
+template <typename Src>
 static void nt_prefill_job(void* ctx, int chunk, int chunks) {
   const Problem& p = static_cast<Ctx*>(ctx)->p;
   int64_t n0, n1;
   vg::split_range(p.N, NT_NR, chunk, chunks, &n0, &n1);
-  const WT* w = static_cast<const WT*>(p.w);
+  const Src src(p);
   const int64_t ldb = vg::padded_stride(NT_KC);
   float* buf = vg::scratch(1, static_cast<size_t>(NT_NB) * ldb);
   if (!buf) {
@@ -542,15 +885,15 @@ static void nt_prefill_job(void* ctx, int chunk, int chunks) {
     const int64_t kl = p.K - kc < NT_KC ? p.K - kc : NT_KC;
     for (int64_t nb = n0; nb < n1; nb += NT_NB) {
       const int64_t nbl = n1 - nb < NT_NB ? n1 - nb : NT_NB;
-      convert_rows<WT>(w + nb * p.K + kc, p.K, nbl, kl, buf, ldb);  // fp32 copy, padded stride
+      src.convert(nb, nbl, kc, kl, buf, ldb);  // fp32 copy, padded stride
       // The next block's weights are fetched into L2 while this one is multiplied, a few rows per x tile.
       int64_t next_nb = nb + NT_NB, next_kc = kc;
       if (next_nb >= n1) next_nb = n0, next_kc = kc + NT_KC;
       const int64_t next_rows = next_kc < p.K ? (n1 - next_nb < NT_NB ? n1 - next_nb : NT_NB) : 0;
-      const int64_t next_bytes = (p.K - next_kc < NT_KC ? p.K - next_kc : NT_KC) * int64_t(sizeof(WT));
+      const int64_t next_bytes = Src::bytes(p.K - next_kc < NT_KC ? p.K - next_kc : NT_KC);
       for (int64_t m = 0, tile = 0; m < p.M; m += NT_MR, ++tile) {
         for (int64_t r = next_rows * tile / mtiles; r < next_rows * (tile + 1) / mtiles; ++r) {
-          const char* row = reinterpret_cast<const char*>(w + (next_nb + r) * p.K + next_kc);
+          const char* row = src.at(next_nb + r, next_kc);
           for (int64_t b = 0; b < next_bytes; b += 64) _mm_prefetch(row + b, _MM_HINT_T1);
         }
         const int mr = static_cast<int>(p.M - m < NT_MR ? p.M - m : int64_t(NT_MR));
@@ -627,16 +970,7 @@ static void nn_decode_part(const Problem& p, int chunk, int chunks) {
 template <typename WT>
 static void nn_decode_job(void* ctx, int chunk, int chunks) {
   const Problem& p = static_cast<Ctx*>(ctx)->p;
-  switch (p.M) {
-    case 1: nn_decode_part<1, WT>(p, chunk, chunks); break;
-    case 2: nn_decode_part<2, WT>(p, chunk, chunks); break;
-    case 3: nn_decode_part<3, WT>(p, chunk, chunks); break;
-    case 4: nn_decode_part<4, WT>(p, chunk, chunks); break;
-    case 5: nn_decode_part<5, WT>(p, chunk, chunks); break;
-    case 6: nn_decode_part<6, WT>(p, chunk, chunks); break;
-    case 7: nn_decode_part<7, WT>(p, chunk, chunks); break;
-    default: nn_decode_part<8, WT>(p, chunk, chunks); break;
-  }
+  with_rows(p.M, [&](auto m) { nn_decode_part<decltype(m)::value, WT>(p, chunk, chunks); });
 }
 
 // ----------------------------------- nn layout, M > 8 (prefill) -------------------------------------
@@ -741,6 +1075,33 @@ static void nn_prefill_job(void* ctx, int chunk, int chunks) {
 }
 
 // ------------------------------------------- dispatch ----------------------------------------------
+// Copies x into the calling thread's scratch at a stride that spreads its rows over L1 sets (M >= 2), int4's in
+// permuted column order (always). False when no buffer could be had.
+static bool stage_x(Problem* p) {
+  const bool permute = p->bits == 4;
+  if (p->M < 2 && !permute) return true;
+  const int64_t ldx = vg::padded_stride(p->K);
+  float* xb = vg::scratch(0, static_cast<size_t>(p->M) * ldx);
+  if (!xb) return false;
+  const int64_t kv = permute ? p->K - p->K % (2 * VW) : 0;
+  for (int64_t m = 0; m < p->M; ++m) {
+    const float* s = p->x + m * p->K;
+    float* d = xb + m * ldx;
+    for (int64_t k = 0; k < kv; k += 2 * VW) {
+      for (int j = 0; j < VW; ++j) {
+        d[k + j] = s[k + 2 * j];
+        d[k + VW + j] = s[k + 2 * j + 1];
+      }
+    }
+    memcpy(d + kv, s + kv, sizeof(float) * (p->K - kv));
+  }
+  p->x = xb;
+  p->ldx = ldx;
+  return true;
+}
+
+// Float weights in either layout, or quantized ones ([N, K·bits/8], nt layout only: decode tiles on the integers
+// for M <= 8 with the scales applied to the outputs, the nt prefill on blocks dequantized into fp32 otherwise).
 static int linear(const Problem& p, bool nt) {
   if (p.M == 0 || p.N == 0) return 0;
   if (p.K == 0) {
@@ -749,27 +1110,31 @@ static int linear(const Problem& p, bool nt) {
   }
   Ctx ctx;
   ctx.p = p;
-  if (p.M >= 2) {  // x's rows at a stride that spreads them over L1 sets
-    const int64_t ldx = vg::padded_stride(p.K);
-    float* xb = vg::scratch(0, static_cast<size_t>(p.M) * ldx);
-    if (!xb) return 2;
-    for (int64_t m = 0; m < p.M; ++m) memcpy(xb + m * ldx, p.x + m * p.K, sizeof(float) * p.K);
-    ctx.p.x = xb;
-    ctx.p.ldx = ldx;
-  }
+#ifdef VG_VNNI
+  const bool staged = p.bits && p.M <= 8 ? stage_xq(&ctx.p) : stage_x(&ctx.p);
+#else
+  const bool staged = stage_x(&ctx.p);
+#endif
+  if (!staged) return 2;
   const double flops = 2.0 * p.M * p.N * p.K;
   vg::JobFn fn;
   int64_t units;  // smallest pieces of N worth giving a thread
   if (p.M <= 8) {
-    if (nt) {
+    if (p.bits) {
+      fn = p.bits == 8 ? &q_decode_job<8> : &q_decode_job<4>;
+      units = p.N / 16;
+    } else if (nt) {
       fn = p.w_half ? &nt_decode_job<uint16_t> : &nt_decode_job<float>;
       units = p.N / 16;
     } else {
       fn = p.w_half ? &nn_decode_job<uint16_t> : &nn_decode_job<float>;
       units = p.N / (2 * VW);
     }
+  } else if (p.bits) {
+    fn = p.bits == 8 ? &nt_prefill_job<QuantRows<8>> : &nt_prefill_job<QuantRows<4>>;
+    units = p.N / NT_NR;
   } else if (nt) {
-    fn = p.w_half ? &nt_prefill_job<uint16_t> : &nt_prefill_job<float>;
+    fn = p.w_half ? &nt_prefill_job<FloatRows<uint16_t>> : &nt_prefill_job<FloatRows<float>>;
     units = p.N / NT_NR;
   } else {
     fn = p.w_half ? &nn_prefill_job<uint16_t> : &nn_prefill_job<float>;
