@@ -457,7 +457,9 @@ def test_a_finished_request_frees_its_image_without_the_cycle_collector(monkeypa
     gc.collect()
     gc.disable()
     try:
-        stream = service.upstream_job({"image": b64(), "text": QUERY, "temperature": 0, "max_new_tokens": 3})
+        stream, dropped = service.upstream_job({"image": b64(), "text": QUERY, "temperature": 0,
+                                                "max_new_tokens": 3})
+        assert dropped == 0
         image = weakref.ref(images.pop())
         if fail:
             with pytest.raises(RuntimeError, match="scripted failure"):
