@@ -77,6 +77,33 @@ def test_turns_that_no_longer_fit_are_dropped_with_a_notice_on_stderr(engine, ca
     assert "notice" not in "".join(out)
 
 
+# Five typical turns about one image (the first is the CLI's own question), in both languages.
+FIVE_TURNS = {False: ["它是什么颜色？", "有几个形状？", "图中有圆形吗？", "这是什么形状？"],
+              True: ["What colour is it?", "How many shapes are there?", "Is there a circle?", "What shape is it?"]}
+
+
+@pytest.mark.parametrize("english", [False, True], ids=["zh", "en"])
+def test_the_demo_model_chats_five_turns_without_dropping_any(english):
+    """The shipped demo config (seq_length train_demo.INFERENCE_SEQ_LENGTH) in the CLI with its default
+    options: five greedy turns about demo_blue_square.png, nothing left out (no notice, the fifth prompt
+    holds the four turns before it and leaves the answer its room)."""
+    from visualglm.demo import train_demo
+    args = cli_demo.parse_args(["--do_sample", "false", "--english", str(english).lower()])
+    demo = serving.build_engine(args)
+    assert demo.model.config.text_config.seq_length == train_demo.INFERENCE_SEQ_LENGTH == 256
+    inputs = iter(["examples/demo_blue_square.png", *FIVE_TURNS[english], "stop"])
+    out, notices = [], []
+    cli_demo.chat_loop(demo, args, read=lambda prompt: next(inputs), write=out.append, notify=notices.append)
+    answers = re.findall(re.escape(cli_demo.BOT) + r"(.*?)\n", "".join(out), re.S)
+    assert len(answers) == 5 and all(answers) and notices == [] and "error" not in "".join(out)
+    history = list(zip([serving.PROMPT_EN if english else serving.PROMPT_ZH] + FIVE_TURNS[english][:3], answers))
+    kwargs = serving.overrides(demo, serving.generation_defaults(args))
+    fitted = serving.fit(demo, FIVE_TURNS[english][3], history, english, True, kwargs)
+    # The shipped weights' answers make the fifth prompt 107 tokens (111 in English): 149 (145) left to answer.
+    assert (fitted.dropped, fitted.history) == (0, history)
+    assert (fitted.prompt_tokens, fitted.budget) == ((111, 145) if english else (107, 149))
+
+
 def test_english_mode_and_end_of_input(engine):
     args = cli_demo.parse_args(["--english", "--temperature", "0", "--max_new_tokens", "3"])
     inputs = iter([str(IMAGE)])
