@@ -4,11 +4,14 @@
 
 * POST /  (upstream api.py): {"image": "<base64>", "text": "...", "history": [[q, a], ...]} plus optional
   max_length, top_p, top_k, temperature (and do_sample, max_new_tokens, repetition_penalty, seed) ->
-  {"result": answer, "history": [...], "status": 200, "time": "YYYY-MM-DD HH:MM:SS"}.
+  {"result": answer, "history": [...], "history_truncated": N, "status": 200, "time": "YYYY-MM-DD HH:MM:SS"}.
   The language follows the text (english = no CJK character in it). "image" may be omitted for text only.
 * POST /v1/chat/completions (OpenAI): messages with text and image_url parts (data:image/...;base64 URLs;
   remote URLs only with --allow_remote_images), stream (server-sent events), max_tokens, temperature
   (0 = greedy), top_p, seed. One image per conversation. System messages are ignored.
+* A history that no longer fits loses its oldest turns (serving.fit): N of them, in the X-History-Truncated
+  header of both routes, POST /'s "history_truncated" and, when N > 0, a top-level "history_truncated" of the
+  OpenAI answer (of a stream's last chunk). Only a question too long on its own is refused (400).
 * GET /v1/models (the base model's id, --model_name, and every LoRA adapter's name), GET /health.
 * GET /metrics: Prometheus text format: visualglm_requests_total{status="..."} (generation requests ended, by
   HTTP status; 499 = the client went away), visualglm_queue_depth, visualglm_active_slots, visualglm_slots,

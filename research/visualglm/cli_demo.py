@@ -7,7 +7,8 @@ Give an image path (or an http(s) URL), or press Enter for a text-only chat; the
 image is "描述这张图片。" ("Describe the image." with --english). Then type questions: `clear` starts over
 with a new image, `stop` exits. Answers stream token by token. Sampling options as upstream
 (--temperature 0.8 --top_p 0.4 --top_k 100 --max_length 2048, capped at the model's seq_length;
---do_sample false or --temperature 0 for greedy answers).
+--do_sample false or --temperature 0 for greedy answers). When the conversation no longer fits, its oldest
+turns are left out, with a notice on stderr.
 """
 import argparse
 import sys

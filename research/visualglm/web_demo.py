@@ -11,7 +11,8 @@ gives greedy answers; max length is capped at the model's seq_length.
 Several people can use the page at once: their answers are generated together by the continuous-batching
 engine (visualglm.batching; up to --max_batch at once, --max_queue more wait for a free slot). Each browser
 session has its own conversation. A question asked while an answer is still streaming is queued and answered
-right after it; a status line above the input box says what the session is waiting for.
+right after it; a status line above the input box says what the session is waiting for, and when the
+conversation no longer fits, that its oldest turns were left out.
 """
 import os
 import threading
