@@ -229,7 +229,7 @@ def assert_fits(processor, query, history, kept, max_length, room, english=False
 
 
 def test_fit_drops_the_oldest_turns_until_the_answer_has_room(chat_processor):
-    """serving.fit on the tiny model's processor: a quarter of max_length (or max_new_tokens when smaller) is
+    """serving.fit on the tiny model's processor: an eighth of max_length (or max_new_tokens when smaller) is
     kept for the answer; the question alone leaving no room stays an error."""
     from types import SimpleNamespace
     from visualglm.generation import SequenceTooLongError
@@ -239,10 +239,13 @@ def test_fit_drops_the_oldest_turns_until_the_answer_has_room(chat_processor):
     assert fitted.history == LONG_HISTORY[5:] and fitted.kwargs["max_new_tokens"] == 8
     assert_fits(chat_processor, FOLLOW_UP, LONG_HISTORY, fitted.history, 128, 8)
     fitted = serving.fit(engine, FOLLOW_UP, LONG_HISTORY, False, True, dict(max_length=128, max_new_tokens=None))
-    assert (fitted.dropped, fitted.prompt_tokens, fitted.budget, fitted.history) == (6, 55, 73, [])
-    assert_fits(chat_processor, FOLLOW_UP, LONG_HISTORY, [], 128, 32)
-    fitted = serving.fit(engine, FOLLOW_UP, LONG_HISTORY, False, True, dict(max_length=430, max_new_tokens=None))
-    assert (fitted.dropped, fitted.prompt_tokens, fitted.budget) == (0, 319, 111)   # 111 >= 430 / 4: all kept
+    assert (fitted.dropped, fitted.prompt_tokens, fitted.budget) == (5, 99, 29)
+    assert_fits(chat_processor, FOLLOW_UP, LONG_HISTORY, fitted.history, 128, 16)
+    # The boundary: 368 - 319 = 49 >= 368 / 8 keeps every turn, 360 - 319 = 41 < 45 drops one.
+    fitted = serving.fit(engine, FOLLOW_UP, LONG_HISTORY, False, True, dict(max_length=368, max_new_tokens=None))
+    assert (fitted.dropped, fitted.prompt_tokens, fitted.budget) == (0, 319, 49)
+    fitted = serving.fit(engine, FOLLOW_UP, LONG_HISTORY, False, True, dict(max_length=360, max_new_tokens=None))
+    assert (fitted.dropped, fitted.prompt_tokens, fitted.budget) == (1, 275, 85)
     assert serving.truncation_notice(5, 128) == ("the 5 oldest turns of the conversation no longer fit in 128 "
                                                  "tokens and were left out")
     assert serving.truncation_notice(1, 64) == ("the oldest turn of the conversation no longer fits in 64 tokens "

@@ -215,8 +215,10 @@ def overrides(engine, defaults, request=None, names=None):
 
 
 # When the history does not fit, the oldest turns are dropped until this share of max_length is left for the
-# answer (or max_new_tokens, when smaller): a long conversation keeps answering instead of failing.
-ANSWER_ROOM_SHARE = 0.25
+# answer (or max_new_tokens, when smaller): a long conversation keeps answering instead of failing, and keeps
+# as much of its history as leaves room for a typical answer (the demo model's 2-30 tokens in 256, a long
+# description in 2048).
+ANSWER_ROOM_SHARE = 0.125
 
 
 class Fitted(NamedTuple):

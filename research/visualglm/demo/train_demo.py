@@ -50,8 +50,8 @@ STAGE2 = {"epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 
 MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH = 40, 16
 # The chat front ends' KV cache. 5 typical turns about an image (16 image slots; "描述这张图片。", then "它是什么
 # 颜色？", "有几个形状？" and the like, answers of 2-9 tokens) take 101 tokens (112 in English) with the demo
-# tokenizer; 256, the next power of two after room for the answer, holds them with a 64-token answer room
-# (serving.ANSWER_ROOM_SHARE) and longer answers besides.
+# tokenizer. 128 would leave 16-27 tokens after them, less than a longer answer ("你能做什么？" is 29 tokens);
+# 256, the next power of two, leaves room for that and for more turns.
 INFERENCE_SEQ_LENGTH = 256
 SMOKE = {"data": {"train": 4, "heldout": 2, "lora_train": 2, "lora_heldout": 2, "vision_train": 2},
          "vision": {"steps": 3, "batch_size": 4, "warmup_steps": 1},
