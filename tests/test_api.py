@@ -176,7 +176,8 @@ def test_upstream_schema(servers):
     url = servers["main"].url + "/"
     status, answer = post(url, {"image": b64(), "text": QUERY, "history": [], "do_sample": False})
     assert status == 200, answer
-    assert set(answer) == {"result", "history", "status", "time"} and answer["status"] == 200
+    assert set(answer) == {"result", "history", "history_truncated", "status", "time"} and answer["status"] == 200
+    assert answer["history_truncated"] == 0
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", answer["time"])
     assert answer["result"] == servers["reference"]             # greedy = run_visualglm.py
     assert answer["history"] == [[QUERY, answer["result"]]]
@@ -208,6 +209,91 @@ def test_openai_client_greedy_streaming_and_not(servers, client):
         messages=messages + [{"role": "assistant", "content": reply.choices[0].message.content},
                              {"role": "user", "content": "Is it red?"}])
     assert isinstance(follow.choices[0].message.content, str) and follow.usage.completion_tokens <= 4
+
+
+# Six turns of 44 tokens each with the tiny tokenizer (one token a character): with the image's 32 slots and the
+# question, the prompt has 319 tokens, 44 fewer per turn left out.
+LONG_HISTORY = [(f"第{i + 1}个问题：图中有几个圆形，它们是什么颜色的？", "图中有一个红色的圆形。") for i in range(6)]
+FOLLOW_UP = "图中有什么？"
+
+
+def assert_fits(processor, query, history, kept, max_length, room, english=False, with_image=True):
+    """`kept`, the newest turns of `history`, leaves `room` tokens for the answer within max_length, and one
+    more turn would not."""
+    def length(turns):
+        return len(processor.build_input_ids(query, history=turns, english=english, with_image=with_image)[0])
+    assert list(history[len(history) - len(kept):]) == list(kept)
+    assert length(kept) + room <= max_length
+    if len(kept) < len(history):
+        assert length(history[len(history) - len(kept) - 1:]) + room > max_length
+
+
+def test_fit_drops_the_oldest_turns_until_the_answer_has_room(chat_processor):
+    """serving.fit on the tiny model's processor: an eighth of max_length (or max_new_tokens when smaller) is
+    kept for the answer; the question alone leaving no room stays an error."""
+    from types import SimpleNamespace
+    from visualglm.generation import SequenceTooLongError
+    engine = SimpleNamespace(processor=chat_processor)
+    fitted = serving.fit(engine, FOLLOW_UP, LONG_HISTORY, False, True, dict(max_length=128, max_new_tokens=8))
+    assert (fitted.dropped, fitted.prompt_tokens, fitted.budget) == (5, 99, 8)
+    assert fitted.history == LONG_HISTORY[5:] and fitted.kwargs["max_new_tokens"] == 8
+    assert_fits(chat_processor, FOLLOW_UP, LONG_HISTORY, fitted.history, 128, 8)
+    fitted = serving.fit(engine, FOLLOW_UP, LONG_HISTORY, False, True, dict(max_length=128, max_new_tokens=None))
+    assert (fitted.dropped, fitted.prompt_tokens, fitted.budget) == (5, 99, 29)
+    assert_fits(chat_processor, FOLLOW_UP, LONG_HISTORY, fitted.history, 128, 16)
+    # The boundary: 368 - 319 = 49 >= 368 / 8 keeps every turn, 360 - 319 = 41 < 45 drops one.
+    fitted = serving.fit(engine, FOLLOW_UP, LONG_HISTORY, False, True, dict(max_length=368, max_new_tokens=None))
+    assert (fitted.dropped, fitted.prompt_tokens, fitted.budget) == (0, 319, 49)
+    fitted = serving.fit(engine, FOLLOW_UP, LONG_HISTORY, False, True, dict(max_length=360, max_new_tokens=None))
+    assert (fitted.dropped, fitted.prompt_tokens, fitted.budget) == (1, 275, 85)
+    assert serving.truncation_notice(5, 128) == ("the 5 oldest turns of the conversation no longer fit in 128 "
+                                                 "tokens and were left out")
+    assert serving.truncation_notice(1, 64) == ("the oldest turn of the conversation no longer fits in 64 tokens "
+                                                "and was left out")
+    with pytest.raises(SequenceTooLongError, match="^the question has 570 tokens and leaves no room to answer "
+                                                   "within 128 tokens: shorten it$"):
+        serving.fit(engine, "图中有几个三角形？" * 40, LONG_HISTORY, False, True, dict(max_length=128, max_new_tokens=8))
+
+
+def post_headers(url, body):
+    """(status, decoded JSON answer, headers) of a POST that succeeds."""
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return response.status, json.loads(response.read()), response.headers
+
+
+def test_history_that_no_longer_fits_loses_its_oldest_turns(servers, client):
+    """The server's max_new_tokens of 8 is the answer's room: of LONG_HISTORY, 5 turns are left out (both
+    routes say so), and the answer is the one given to the turn kept alone. A question alone too long: 400."""
+    url = servers["main"].url
+    history = [list(turn) for turn in LONG_HISTORY]
+    body = {"image": b64(), "text": FOLLOW_UP, "history": history, "do_sample": False}
+    status, answer, headers = post_headers(url + "/", body)
+    assert status == 200 and answer["history_truncated"] == 5 and headers["X-History-Truncated"] == "5"
+    assert answer["history"] == [history[5], [FOLLOW_UP, answer["result"]]]
+    status, alone, headers = post_headers(url + "/", dict(body, history=history[5:]))
+    assert (alone["result"], alone["history_truncated"], headers["X-History-Truncated"]) == (answer["result"], 0, "0")
+
+    messages = [image_message(LONG_HISTORY[0][0], data_url()), {"role": "assistant", "content": LONG_HISTORY[0][1]}]
+    for question, reply in LONG_HISTORY[1:]:
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+    messages.append({"role": "user", "content": FOLLOW_UP})
+    raw = client.chat.completions.with_raw_response.create(model="visualglm-6b", messages=messages, temperature=0,
+                                                           max_tokens=NEW_TOKENS)
+    reply = raw.parse()
+    assert raw.headers["X-History-Truncated"] == "5" and reply.model_extra["history_truncated"] == 5
+    assert reply.choices[0].message.content == answer["result"] and reply.usage.prompt_tokens == 99
+    chunks = list(client.chat.completions.create(model="visualglm-6b", messages=messages, temperature=0,
+                                                 max_tokens=NEW_TOKENS, stream=True))
+    assert chunks[-1].model_extra["history_truncated"] == 5
+    assert all("history_truncated" not in chunk.model_extra for chunk in chunks[:-1])
+    plain = client.chat.completions.create(model="visualglm-6b", messages=messages[:1], temperature=0,
+                                           max_tokens=NEW_TOKENS)
+    assert "history_truncated" not in plain.model_extra   # the OpenAI body says it only when turns were left out
+
+    status, error = post(url + "/", dict(body, text="图中有几个三角形？" * 40))
+    assert status == 400 and error["error"]["message"] == ("the question has 570 tokens and leaves no room to "
+                                                           "answer within 128 tokens: shorten it")
 
 
 def test_bad_inputs(servers, client):
@@ -457,7 +543,9 @@ def test_a_finished_request_frees_its_image_without_the_cycle_collector(monkeypa
     gc.collect()
     gc.disable()
     try:
-        stream = service.upstream_job({"image": b64(), "text": QUERY, "temperature": 0, "max_new_tokens": 3})
+        stream, dropped = service.upstream_job({"image": b64(), "text": QUERY, "temperature": 0,
+                                                "max_new_tokens": 3})
+        assert dropped == 0
         image = weakref.ref(images.pop())
         if fail:
             with pytest.raises(RuntimeError, match="scripted failure"):

@@ -97,7 +97,7 @@ def test_streamed_tokens_arrive_one_by_one_and_end_with_the_reason(batched):
 
 def test_a_cancelled_request_frees_its_slot_at_the_next_step(batched):
     parts, engine = batched
-    long = dict(max_new_tokens=25, min_new_tokens=25)   # the demo model's seq_length is 64
+    long = dict(max_new_tokens=25, min_new_tokens=25)   # prompt + 25 fits the demo model's seq_length
     runners = [engine.submit(_request(parts, *CASES[i], **long)) for i in range(4)]
     waiting = engine.submit(_request(parts, *CASES[4], max_new_tokens=4))
     firsts = [runner.events.get(timeout=120) for runner in runners]   # a first token: the request holds a slot

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from conftest import REPO, SCRIPTS, tokenizer_matched_config, write_tiny_yaml
+from test_api import LONG_HISTORY, assert_fits
 from visualglm import app, cli_demo, serving
 from visualglm.chat import VisualGLMChat
 from visualglm.processing import load_image
@@ -52,6 +53,55 @@ def test_chat_loop_in_process(engine):
     assert answers == [first, second, alone]
     assert "error: image file no/such/image.png not found" in text
     assert prompts.count(cli_demo.ASK_IMAGE) == 3 and inputs.__length_hint__() == 0
+
+
+def test_turns_that_no_longer_fit_are_dropped_with_a_notice_on_stderr(engine, capsys):
+    """Questions of LONG_HISTORY about an image, greedy, 6 answer tokens at most (the answer's room): from the
+    third on, the oldest turn is left out (a one-line notice on stderr, never on stdout); each answer is the
+    one given to the kept turns alone, and the history the loop keeps lacks the dropped turns."""
+    args = cli_demo.parse_args(["--do_sample", "false", "--max_new_tokens", str(NEW_TOKENS)])
+    kwargs = serving.overrides(engine, serving.generation_defaults(args))
+    image = load_image(str(IMAGE))
+    out, history, kept_sizes = [], [], []
+    for question, _ in LONG_HISTORY:
+        before = list(history)
+        history = cli_demo.answer(engine, question, image, history, False, kwargs, True, out.append)
+        kept = history[:-1]
+        assert_fits(engine.processor, question, before, kept, 128, NEW_TOKENS)
+        expected, _ = engine.chat(question, image=image, history=kept, max_new_tokens=NEW_TOKENS)
+        assert history[-1] == (question, expected)
+        kept_sizes.append(len(kept))
+    assert kept_sizes == [0, 1, 1, 1, 1, 1]   # a question and its answer: 44 + 6 tokens
+    notices = capsys.readouterr().err.splitlines()
+    assert notices == ["notice: " + serving.truncation_notice(n, 128) for n in (1, 1, 1, 1)]
+    assert "notice" not in "".join(out)
+
+
+# Five typical turns about one image (the first is the CLI's own question), in both languages.
+FIVE_TURNS = {False: ["它是什么颜色？", "有几个形状？", "图中有圆形吗？", "这是什么形状？"],
+              True: ["What colour is it?", "How many shapes are there?", "Is there a circle?", "What shape is it?"]}
+
+
+@pytest.mark.parametrize("english", [False, True], ids=["zh", "en"])
+def test_the_demo_model_chats_five_turns_without_dropping_any(english):
+    """The shipped demo config (seq_length train_demo.INFERENCE_SEQ_LENGTH) in the CLI with its default
+    options: five greedy turns about demo_blue_square.png, nothing left out (no notice, the fifth prompt
+    holds the four turns before it and leaves the answer its room)."""
+    from visualglm.demo import train_demo
+    args = cli_demo.parse_args(["--do_sample", "false", "--english", str(english).lower()])
+    demo = serving.build_engine(args)
+    assert demo.model.config.text_config.seq_length == train_demo.INFERENCE_SEQ_LENGTH == 256
+    inputs = iter(["examples/demo_blue_square.png", *FIVE_TURNS[english], "stop"])
+    out, notices = [], []
+    cli_demo.chat_loop(demo, args, read=lambda prompt: next(inputs), write=out.append, notify=notices.append)
+    answers = re.findall(re.escape(cli_demo.BOT) + r"(.*?)\n", "".join(out), re.S)
+    assert len(answers) == 5 and all(answers) and notices == [] and "error" not in "".join(out)
+    history = list(zip([serving.PROMPT_EN if english else serving.PROMPT_ZH] + FIVE_TURNS[english][:3], answers))
+    kwargs = serving.overrides(demo, serving.generation_defaults(args))
+    fitted = serving.fit(demo, FIVE_TURNS[english][3], history, english, True, kwargs)
+    # The shipped weights' answers make the fifth prompt 107 tokens (111 in English): 149 (145) left to answer.
+    assert (fitted.dropped, fitted.history) == (0, history)
+    assert (fitted.prompt_tokens, fitted.budget) == ((111, 145) if english else (107, 149))
 
 
 def test_english_mode_and_end_of_input(engine):

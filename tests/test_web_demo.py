@@ -16,7 +16,7 @@ import time
 import pytest
 
 from conftest import REPO, SCRIPTS
-from test_api import Server, tiny_yaml
+from test_api import LONG_HISTORY, Server, assert_fits, tiny_yaml
 from visualglm import serving, web_demo
 from visualglm.chat import VisualGLMChat
 from visualglm.processing import load_image
@@ -115,6 +115,33 @@ SECOND_IMAGE = REPO / "examples" / "shapes.png"
 SECOND_QUERY = "What shapes are in the image?"
 FOLLOW_UP = "图里有几个圆？"
 LONG_SEQ, LONG_TOKENS = 512, 300      # answers long enough to be still streaming when the next question comes
+
+
+def test_turns_that_no_longer_fit_are_dropped_with_a_notice_in_the_status_line(engine):
+    """Questions of LONG_HISTORY about an image, greedy, 6 answer tokens at most: from the third on, the oldest
+    turn is left out of the session's history (the next question fits again) and the status line says so until
+    the next answer starts; each answer is the one given to the kept turns alone. Clear removes the notice."""
+    from visualglm.batching import BatchEngine
+    batcher = BatchEngine(engine.model)
+    demo = web_demo.Demo(engine, dict(max_length=2048, max_new_tokens=NEW_TOKENS, top_p=0.4, top_k=100,
+                                      temperature=0, do_sample=True, repetition_penalty=1.0), batcher)
+    image = load_image(str(IMAGE))
+    session, statuses = web_demo.Session(), []
+    try:
+        for question, _ in LONG_HISTORY:
+            before = list(session.history)
+            chat, history, _, status = list(demo.ask(session, question, image, 0, 0.4, 0))[-1]
+            kept = history[:-1]
+            assert_fits(engine.processor, question, before, kept, 128, NEW_TOKENS)
+            expected, _ = engine.chat(question, image=image, history=kept, max_new_tokens=NEW_TOKENS)
+            assert history[-1] == (question, expected) and chat[-1] == {"role": "assistant", "content": expected}
+            statuses.append(status)
+        assert len(chat) == 1 + 2 * len(LONG_HISTORY) and len(history) == 2   # the page keeps every turn
+        notice = serving.truncation_notice(1, 128)
+        assert statuses == ["", ""] + [notice] * 4
+        assert session.reset()[3] == ""
+    finally:
+        batcher.shutdown(cancel=True, timeout=30)
 
 
 class HeldBatcher:

@@ -4,11 +4,14 @@
 
 * POST /  (upstream api.py): {"image": "<base64>", "text": "...", "history": [[q, a], ...]} plus optional
   max_length, top_p, top_k, temperature (and do_sample, max_new_tokens, repetition_penalty, seed) ->
-  {"result": answer, "history": [...], "status": 200, "time": "YYYY-MM-DD HH:MM:SS"}.
+  {"result": answer, "history": [...], "history_truncated": N, "status": 200, "time": "YYYY-MM-DD HH:MM:SS"}.
   The language follows the text (english = no CJK character in it). "image" may be omitted for text only.
 * POST /v1/chat/completions (OpenAI): messages with text and image_url parts (data:image/...;base64 URLs;
   remote URLs only with --allow_remote_images), stream (server-sent events), max_tokens, temperature
   (0 = greedy), top_p, seed. One image per conversation. System messages are ignored.
+* A history that no longer fits loses its oldest turns (serving.fit): N of them, in the X-History-Truncated
+  header of both routes, POST /'s "history_truncated" and, when N > 0, a top-level "history_truncated" of the
+  OpenAI answer (of a stream's last chunk). Only a question too long on its own is refused (400).
 * GET /v1/models (the base model's id, --model_name, and every LoRA adapter's name), GET /health.
 * GET /metrics: Prometheus text format: visualglm_requests_total{status="..."} (generation requests ended, by
   HTTP status; 499 = the client went away), visualglm_queue_depth, visualglm_active_slots, visualglm_slots,
@@ -392,12 +395,12 @@ class Service:
                                          adapter=adapter, **kwargs)
 
     def prepare(self, query, image, history, request_options, names=None):
+        """(english, serving.Fitted) of a request."""
         if not isinstance(query, str):
             raise HTTPError(400, "the question text must be a string")
         english = not serving.is_chinese(query)
         kwargs = serving.overrides(self.engine, self.defaults, request_options, names)
-        kwargs, prompt_tokens, budget = serving.fit(self.engine, query, history, english, image is not None, kwargs)
-        return english, kwargs, prompt_tokens, budget
+        return english, serving.fit(self.engine, query, history, english, image is not None, kwargs)
 
     # upstream POST /
     def upstream_job(self, data):
@@ -416,8 +419,8 @@ class Service:
             image = serving.open_image(image_bytes, self.max_image_pixels)
         options = {k: data[k] for k in ("max_length", "top_p", "top_k", "temperature", "do_sample",
                                         "max_new_tokens", "repetition_penalty", "seed") if k in data}
-        english, kwargs, _, _ = self.prepare(text, image, history, options)
-        return self.start(text, image, history, english, kwargs, adapter=adapter)
+        english, fitted = self.prepare(text, image, history, options)
+        return self.start(text, image, fitted.history, english, fitted.kwargs, adapter=adapter), fitted.dropped
 
     def openai_job(self, data):
         adapter = self.adapter_for(data.get("model"))
@@ -430,11 +433,13 @@ class Service:
                             ("seed", "seed"), ("repetition_penalty", "repetition_penalty")):
             if data.get(key) is not None:
                 options[target], names[target] = data[key], key
-        english, kwargs, prompt_tokens, budget = self.prepare(query, image, history, options, names)
-        return (self.start(query, image, history, english, kwargs, parse_stop(data.get("stop")), adapter),
-                prompt_tokens)
+        english, fitted = self.prepare(query, image, history, options, names)
+        return (self.start(query, image, fitted.history, english, fitted.kwargs, parse_stop(data.get("stop")),
+                           adapter), fitted.prompt_tokens, fitted.dropped)
 
 
+# The number of the oldest history turns left out because the conversation no longer fit (serving.fit).
+TRUNCATED_HEADER = "X-History-Truncated"
 SHUTDOWN_MESSAGE = "the server is shutting down: the answer was cut short; retry the request"
 
 
@@ -516,7 +521,7 @@ def create_app(service):
         record = begin(request, "req")
         try:
             data = await read_body(request, record)
-            record.stream = await asyncio.wrap_future(service.parser.submit(service.upstream_job, data))
+            record.stream, dropped = await asyncio.wrap_future(service.parser.submit(service.upstream_job, data))
             stream = await finish(record.stream)
         except asyncio.CancelledError:
             service.end(record, 499, "cancelled")
@@ -525,15 +530,17 @@ def create_app(service):
             return error_response(err, record)
         service.end(record, 200, stream.finish_reason)
         return JSONResponse({"result": stream.answer, "history": [list(turn) for turn in stream.new_history],
-                             "status": 200, "time": time.strftime("%Y-%m-%d %H:%M:%S")},
-                            headers={"X-Request-Id": record.ident})
+                             "history_truncated": dropped, "status": 200,
+                             "time": time.strftime("%Y-%m-%d %H:%M:%S")},
+                            headers={"X-Request-Id": record.ident, TRUNCATED_HEADER: str(dropped)})
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         record = begin(request, "chatcmpl")
         try:
             data = await read_body(request, record)
-            stream, prompt_tokens = await asyncio.wrap_future(service.parser.submit(service.openai_job, data))
+            stream, prompt_tokens, dropped = await asyncio.wrap_future(service.parser.submit(service.openai_job,
+                                                                                             data))
             record.stream = stream
         except asyncio.CancelledError:
             service.end(record, 499, "cancelled")
@@ -542,6 +549,9 @@ def create_app(service):
             return error_response(err, record)
         ident, created = record.ident, int(time.time())
         model = data.get("model") or service.model_name
+        headers = {"X-Request-Id": ident, TRUNCATED_HEADER: str(dropped)}
+        # OpenAI clients ignore unknown top-level fields: the body says it only when turns were left out.
+        truncated = {"history_truncated": dropped} if dropped else {}
 
         def usage():
             return {"prompt_tokens": prompt_tokens, "completion_tokens": stream.tokens,
@@ -559,7 +569,7 @@ def create_app(service):
             return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": model,
                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": stream.answer},
                                               "finish_reason": stream.finish_reason}],
-                                 "usage": usage()}, headers={"X-Request-Id": ident})
+                                 "usage": usage(), **truncated}, headers=headers)
 
         include_usage = bool((data.get("stream_options") or {}).get("include_usage")) \
             if isinstance(data.get("stream_options"), dict) else False
@@ -593,7 +603,7 @@ def create_app(service):
                     return
                 if stream.rewritten:   # cleaned text differs from what was streamed: rare, send the whole answer
                     yield chunk({"content": "\n" + stream.answer})
-                yield chunk({}, stream.finish_reason, usage=usage())
+                yield chunk({}, stream.finish_reason, usage=usage(), **truncated)
                 if include_usage:
                     yield "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
                                                  "model": model, "choices": [], "usage": usage()}) + "\n\n"
@@ -604,8 +614,7 @@ def create_app(service):
                 service.end(record, status, reason)
 
         return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                          "X-Request-Id": ident})
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
 
     return api
 

@@ -7,7 +7,8 @@ Give an image path (or an http(s) URL), or press Enter for a text-only chat; the
 image is "描述这张图片。" ("Describe the image." with --english). Then type questions: `clear` starts over
 with a new image, `stop` exits. Answers stream token by token. Sampling options as upstream
 (--temperature 0.8 --top_p 0.4 --top_k 100 --max_length 2048, capped at the model's seq_length;
---do_sample false or --temperature 0 for greedy answers).
+--do_sample false or --temperature 0 for greedy answers). When the conversation no longer fits, its oldest
+turns are left out, with a notice on stderr.
 """
 import argparse
 import sys
@@ -53,18 +54,25 @@ def read_image(text):
     return load_image(path)
 
 
-def answer(engine, query, image, history, english, kwargs, stream, write):
-    """Write `VisualGLM-6B：` and the answer (streamed); returns the new history."""
-    kwargs, _, _ = serving.fit(engine, query, history, english, image is not None, kwargs)
+def notice(text):
+    print(f"notice: {text}", file=sys.stderr, flush=True)
+
+
+def answer(engine, query, image, history, english, kwargs, stream, write, notify=notice):
+    """Write `VisualGLM-6B：` and the answer (streamed); returns the new history. Turns that no longer fit are
+    dropped from it, with a notice."""
+    fitted = serving.fit(engine, query, history, english, image is not None, kwargs)
+    if fitted.dropped:
+        notify(serving.truncation_notice(fitted.dropped, kwargs["max_length"]))
     write(BOT)
-    text = serving.TextStream(engine, query, image, history, english, **kwargs)
+    text = serving.TextStream(engine, query, image, fitted.history, english, **fitted.kwargs)
     try:
         for delta in text:
             if stream:
                 write(delta)
     except KeyboardInterrupt:            # Ctrl-C stops this answer, not the program
         write("\n[interrupted]\n")
-        return history + [(query, text.given)]
+        return fitted.history + [(query, text.given)]
     if not stream:
         write(text.answer)
     elif text.rewritten:
@@ -73,8 +81,9 @@ def answer(engine, query, image, history, english, kwargs, stream, write):
     return text.new_history
 
 
-def chat_loop(engine, args, read=input, write=None):
-    """The conversation; returns when the user types `stop` or input ends."""
+def chat_loop(engine, args, read=input, write=None, notify=notice):
+    """The conversation; returns when the user types `stop` or input ends. Answers go to `write` (stdout),
+    notices to `notify` (stderr)."""
     if write is None:
         def write(text):
             sys.stdout.write(text)
@@ -107,8 +116,9 @@ def chat_loop(engine, args, read=input, write=None):
                     return
                 if query.strip():
                     try:
-                        history = answer(engine, query, image, history, english, kwargs, args.stream, write)
-                    except UserError as err:   # e.g. the conversation no longer fits: clear to go on
+                        history = answer(engine, query, image, history, english, kwargs, args.stream, write,
+                                         notify)
+                    except UserError as err:   # e.g. a question too long for the model alone
                         write(f"\nerror: {err}\n")
                 query = read(USER_EN if english else USER)
     except EOFError:

@@ -16,6 +16,7 @@ import socket
 import sys
 import threading
 import time
+from typing import NamedTuple
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 from visualglm import app
@@ -213,19 +214,55 @@ def overrides(engine, defaults, request=None, names=None):
     return kwargs
 
 
+# When the history does not fit, the oldest turns are dropped until this share of max_length is left for the
+# answer (or max_new_tokens, when smaller): a long conversation keeps answering instead of failing, and keeps
+# as much of its history as leaves room for a typical answer (the demo model's 2-30 tokens in 256, a long
+# description in 2048).
+ANSWER_ROOM_SHARE = 0.125
+
+
+class Fitted(NamedTuple):
+    """What fit() decided: the generation kwargs, the history given to the model, the prompt's tokens, the
+    answer budget and how many of the oldest turns were dropped."""
+    kwargs: dict
+    history: list
+    prompt_tokens: int
+    budget: int
+    dropped: int
+
+
 def fit(engine, query, history, english, with_image, kwargs):
-    """Check the prompt fits and cap max_new_tokens at the room left (an upper bound, as OpenAI's
-    max_tokens). Returns (kwargs, prompt tokens, answer budget)."""
+    """Fit the prompt into max_length: drop the oldest history turns while the prompt leaves less room than
+    the answer's (ANSWER_ROOM_SHARE of max_length, or max_new_tokens when smaller), then cap max_new_tokens at
+    the room left (an upper bound, as OpenAI's max_tokens). SequenceTooLongError when the question alone
+    leaves no room. Returns a Fitted."""
     from visualglm.generation import SequenceTooLongError
-    ids, _ = engine.processor.build_input_ids(query, history=history, english=english, with_image=with_image)
-    room = kwargs["max_length"] - len(ids)
+    max_length, history = kwargs["max_length"], list(history or ())
+    wanted = max(1, math.ceil(max_length * ANSWER_ROOM_SHARE))
+    if kwargs["max_new_tokens"] is not None:
+        wanted = min(wanted, kwargs["max_new_tokens"])
+    dropped = 0
+    while True:
+        ids, _ = engine.processor.build_input_ids(query, history=history[dropped:], english=english,
+                                                  with_image=with_image)
+        room = max_length - len(ids)
+        if room >= wanted or dropped == len(history):
+            break
+        dropped += 1
     if room < 1:
-        raise SequenceTooLongError(f"the prompt (with history) has {len(ids)} tokens and leaves no room to answer "
-                                   f"within {kwargs['max_length']} tokens: shorten it or clear the history")
+        raise SequenceTooLongError(f"the question has {len(ids)} tokens and leaves no room to answer within "
+                                   f"{max_length} tokens: shorten it")
     kwargs = dict(kwargs)
     if kwargs["max_new_tokens"] is not None:
         kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], room)
-    return kwargs, len(ids), min(room, kwargs["max_new_tokens"] or room)
+    return Fitted(kwargs, history[dropped:], len(ids), min(room, kwargs["max_new_tokens"] or room), dropped)
+
+
+def truncation_notice(dropped, max_length):
+    """The one-line notice of a fit() that dropped turns."""
+    if dropped == 1:
+        return f"the oldest turn of the conversation no longer fits in {max_length} tokens and was left out"
+    return f"the {dropped} oldest turns of the conversation no longer fit in {max_length} tokens and were left out"
 
 
 class TextStream:

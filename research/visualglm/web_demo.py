@@ -11,7 +11,8 @@ gives greedy answers; max length is capped at the model's seq_length.
 Several people can use the page at once: their answers are generated together by the continuous-batching
 engine (visualglm.batching; up to --max_batch at once, --max_queue more wait for a free slot). Each browser
 session has its own conversation. A question asked while an answer is still streaming is queued and answered
-right after it; a status line above the input box says what the session is waiting for.
+right after it; a status line above the input box says what the session is waiting for, and when the
+conversation no longer fits, that its oldest turns were left out.
 """
 import os
 import threading
@@ -77,16 +78,19 @@ class Session:
         self.stream = None       # the BatchedTextStream of the answer being generated
         self.phase = None        # None (idle), "waiting" (for a slot) or "answering"
         self.running = False     # one event is answering this session's questions, in order
+        self.notice = ""         # turns left out of the last answer's history (shown until the next answer)
         self.epoch = 0
         self.lock = threading.Lock()
 
     def status(self):
-        """The busy indicator's text ("" when idle)."""
-        text = {None: "", "waiting": WAITING, "answering": ANSWERING}[self.phase if self.running else None]
+        """The status line: what the session waits for, its queued questions and the notice ("" when idle
+        and nothing was left out)."""
+        parts = [{None: "", "waiting": WAITING, "answering": ANSWERING}[self.phase if self.running else None]]
         if self.pending:
             count = len(self.pending)
-            text = (text + " · " if text else "") + f"{count} question{'s' if count > 1 else ''} queued"
-        return text
+            parts.append(f"{count} question{'s' if count > 1 else ''} queued")
+        parts.append(self.notice)
+        return " · ".join(part for part in parts if part)
 
     def view(self, query=None):
         """(chat, history, the input box's new value or None to leave it, status); call with the lock held."""
@@ -99,7 +103,7 @@ class Session:
             self.pending.clear()
             if self.stream is not None:
                 self.stream.cancel()
-            self.chatbot, self.history = greeting(), []
+            self.chatbot, self.history, self.notice = greeting(), [], ""
             return self.view()
 
 
@@ -197,18 +201,21 @@ class Demo:
                 return
             history = list(session.history)
             session.chatbot[question.index] = {"role": "assistant", "content": ""}
+            session.notice = ""
             view = session.view()
         yield view
         stream = None
         try:
             kwargs = serving.overrides(self.engine, self.defaults, question.options)
-            kwargs, _, _ = serving.fit(self.engine, question.text, history, english, True, kwargs)
-            stream = serving.BatchedTextStream(self.engine, self.batcher, question.text, question.image, history,
-                                               english, **kwargs)
+            fitted = serving.fit(self.engine, question.text, history, english, True, kwargs)
+            stream = serving.BatchedTextStream(self.engine, self.batcher, question.text, question.image,
+                                               fitted.history, english, **fitted.kwargs)
             with session.lock:
                 session.stream = stream
                 if question.epoch != session.epoch:
                     stream.cancel()
+                elif fitted.dropped:
+                    session.notice = serving.truncation_notice(fitted.dropped, kwargs["max_length"])
             request, shown = stream.request, view
             while request.started is None and not request.done.is_set():
                 with session.lock:
@@ -229,7 +236,7 @@ class Demo:
                 session.stream = None
                 if question.epoch == session.epoch:
                     session.chatbot[question.index] = {"role": "assistant", "content": stream.answer}
-                    session.history.append((question.text, stream.answer))
+                    session.history = stream.new_history   # without the turns left out: the next one fits
                 view = session.view()
             yield view
         except QueueFull:
