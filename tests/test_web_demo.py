@@ -4,7 +4,7 @@ selenium) uploads a shipped image, asks a question, and the answer read from the
 VisualGLMChat's; then Clear brings the greeting back. Two browser sessions asking at once (batched by the
 continuous-batching engine) each see only their own answer; a question typed while an answer streams is
 queued (the status line says so) and answered next. The screenshots are kept in $VISUALGLM_TEST_ARTIFACTS
-(default: output/test_artifacts). Plus the callbacks in-process (empty image / empty text messages, a question
+(default: ~/.cache/visualglm/test_artifacts). Plus the callbacks in-process (empty image / empty text messages, a question
 waiting for a slot, a queued question, Clear while waiting)."""
 import os
 import re
@@ -42,7 +42,9 @@ def visible_text(text):
 
 
 def artifacts_folder():
-    folder = os.environ.get("VISUALGLM_TEST_ARTIFACTS") or str(REPO / "output" / "test_artifacts")
+    # Outside the checkout, beside the project's other caches: a test run writes nothing into the repository.
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.environ.get("VISUALGLM_TEST_ARTIFACTS") or os.path.join(cache, "visualglm", "test_artifacts")
     os.makedirs(folder, exist_ok=True)
     return folder
 
