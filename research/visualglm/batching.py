@@ -231,8 +231,6 @@ class BatchEngine:
         """Compile the decode step and the prefill of every group size (1, 2, 4, … slots) at the widths of
         `prompt_lengths` (default: the narrowest) before serving, so that no request waits for a compile.
         Writes only into free slots; call it before submitting requests."""
-        from mindspore import Tensor
-        from visualglm.chat import NO_IMAGE_START
         count, started = len(self.slots), time.perf_counter()
         widths = sorted({self.prefill_width(length) for length in prompt_lengths or (1,)})
         with self.lock:
@@ -241,15 +239,11 @@ class BatchEngine:
             sizes = [1 << i for i in range((count - 1).bit_length() + 1)]   # the group sizes _prefill uses
             for width in widths:
                 for k in sizes:
-                    self.model(Tensor(np.zeros((k, width), np.int32)), Tensor(np.zeros((k, 2, width), np.int32)),
-                               Tensor(np.ones((k, width, self.seq_length), bool)), None,
-                               Tensor(np.concatenate([self._no_image] * k)),
-                               Tensor(np.full(k, NO_IMAGE_START, np.int32)), Tensor(np.zeros(k, np.int32)),
-                               Tensor(np.zeros(k, np.int32)),
-                               Tensor(np.arange(k, dtype=np.int32) % count)).asnumpy()   # k may exceed the slots
-            self.model(Tensor(np.zeros((count, 1), np.int32)), Tensor(np.zeros((count, 2, 1), np.int32)),
-                       Tensor(np.ones((count, 1, self.seq_length), bool)), None, None, None,
-                       Tensor(np.zeros(count, np.int32)), Tensor(np.zeros(count, np.int32))).asnumpy()
+                    self._run_prefill(np.zeros((k, width), np.int32), np.zeros((k, 2, width), np.int32),
+                                      np.ones((k, width, self.seq_length), bool), [None] * k, [None] * k,
+                                      np.zeros(k, np.int32), np.arange(k) % count)   # k may exceed the slots
+            self._run_decode(np.zeros((count, 1), np.int32), np.zeros((count, 2, 1), np.int32),
+                             np.ones((count, 1, self.seq_length), bool), np.zeros(count, np.int32))
         return time.perf_counter() - started
 
     # ----- the loop -----
@@ -338,8 +332,6 @@ class BatchEngine:
         """Prefill the prompts of the slots in `group` at once ([k, width] written into those slots); returns
         their first-token logits [len(group), V]. k is rounded up to a power of two (repeating the last
         slot: the same values written twice) and width by prefill_width, to bound the compiled shapes."""
-        from mindspore import Tensor
-        from visualglm.chat import NO_IMAGE_START
         rows = group + [group[-1]] * ((1 << (len(group) - 1).bit_length()) - len(group))
         slots = [self.slots[index] for index in rows]
         width = self.prefill_width(max(slot.length for slot in slots))
@@ -349,20 +341,29 @@ class BatchEngine:
             ids[row, :slot.length] = slot.request.prompt
             mask[row] = slot.mask[:width]
         positions = np.stack([slot.positions[:, :width] for slot in slots])
-        # Always with image embeddings (zeros placed nowhere for text-only rows, which keep their word
-        # embeddings exactly): one graph per shape instead of two.
-        embeds = Tensor(np.concatenate([self._no_image if s.request.image_embeds is None else
-                                        np.asarray(s.request.image_embeds, np.float32) for s in slots]))
-        starts = Tensor(np.array([NO_IMAGE_START if s.request.image_embeds is None else s.request.image_start
-                                  for s in slots], np.int32))
-        logits = self.model(Tensor(ids), Tensor(positions), Tensor(mask), None, embeds, starts,
-                            Tensor(np.zeros(len(rows), np.int32)),
-                            Tensor(np.array([slot.length - 1 for slot in slots], np.int32)),
-                            Tensor(np.array(rows, np.int32)))
-        return logits.asnumpy()[:len(group)]
+        logits = self._run_prefill(ids, positions, mask, [s.request.image_embeds for s in slots],
+                                   [s.request.image_start for s in slots], [s.length - 1 for s in slots], rows)
+        return logits[:len(group)]
+
+    def _run_prefill(self, ids, positions, mask, image_embeds, image_starts, last, rows):
+        """One prefill launch ([k, width] written from column 0 into the cache slots `rows`); logits [k, V] at
+        the positions `last`. Always with image embeddings (zeros placed nowhere for the rows whose embeds are
+        None, which keep their word embeddings exactly): one graph per shape instead of two."""
+        from mindspore import Tensor
+        from visualglm.chat import NO_IMAGE_START
+        embeds = np.concatenate([self._no_image if e is None else np.asarray(e, np.float32) for e in image_embeds])
+        starts = [NO_IMAGE_START if e is None else start for e, start in zip(image_embeds, image_starts)]
+        return self.model(Tensor(ids), Tensor(positions), Tensor(mask), None, Tensor(embeds),
+                          Tensor(np.array(starts, np.int32)), Tensor(np.zeros(len(rows), np.int32)),
+                          Tensor(np.array(last, np.int32)), Tensor(np.array(rows, np.int32))).asnumpy()
+
+    def _run_decode(self, ids, positions, mask, cache_index):
+        """One decode launch [slots, 1] writing at each slot's cache_index; logits [slots, V]."""
+        from mindspore import Tensor
+        return self.model(Tensor(ids), Tensor(positions), Tensor(mask), None, None, None, Tensor(cache_index),
+                          Tensor(np.zeros(len(ids), np.int32))).asnumpy()
 
     def _step(self):
-        from mindspore import Tensor
         count = len(self.slots)
         ids = np.full((count, 1), self.pad_token_id, np.int32)
         positions = np.zeros((count, 2, 1), np.int32)
@@ -376,8 +377,7 @@ class BatchEngine:
             positions[index, :, 0] = slot.positions[:, slot.current]
             mask[index, 0] = slot.mask[slot.current]
             cache_index[index] = slot.current
-        logits = self.model(Tensor(ids), Tensor(positions), Tensor(mask), None, None, None, Tensor(cache_index),
-                            Tensor(np.zeros(count, np.int32))).asnumpy()
+        logits = self._run_decode(ids, positions, mask, cache_index)
         self._count("steps")
         for index, slot in enumerate(self.slots):
             if slot is None:
