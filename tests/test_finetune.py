@@ -408,7 +408,8 @@ def test_the_demo_finetune_yaml_trains_the_star_lora_on_cpu(tmp_path):
                                           f"loss curve: {out / 'loss_curve.png'} (values: {out / 'loss_curve.csv'})"]
     progress = [line for line in result.stderr.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in progress] == ["2/6", "4/6", "6/6"]
-    assert "32 samples (8 batches of 4 per pass), 6 optimiser steps" \
+    samples = len(json.loads((tmp_path / "data/lora_train/dataset.json").read_text(encoding="utf-8")))
+    assert f"{samples} samples ({samples // 4} batches of 4 per pass), 6 optimiser steps" \
         in result.stderr and "linear warmup of 2 steps, cosine decay to 0.0002 over the remaining 4 steps" \
         in result.stderr
     rows = [line.split(",") for line in (out / "loss_curve.csv").read_text().splitlines()]

@@ -68,13 +68,21 @@ class VisualGLMModel(nn.Cell):
                 param.requires_grad = False
 
     # ----- graph parts -----
-    def query_outputs(self, pixel_values):
-        """pixel_values [B, 3, H, W] -> the Q-Former's query outputs [B, queries, Q-Former hidden]: what
-        llm_proj maps into the GLM (and what the demo's stage-0 classifier reads)."""
-        image = self.ln_vision(self.visual_encoder(pixel_values))
+    def vision_tokens(self, pixel_values):
+        """pixel_values [B, 3, H, W] -> the ViT's tokens after ln_vision [B, 1 + patches, ViT hidden]: what the
+        Q-Former reads."""
+        return self.ln_vision(self.visual_encoder(pixel_values))
+
+    def read_queries(self, image):
+        """The Q-Former's query outputs [B, queries, Q-Former hidden] over vision_tokens `image`."""
         queries = ops.broadcast_to(self.query_tokens.astype(self.residual_dtype),
                                    (image.shape[0],) + self.query_tokens.shape[1:])
         return self.qformer(queries, image)
+
+    def query_outputs(self, pixel_values):
+        """pixel_values [B, 3, H, W] -> the Q-Former's query outputs [B, queries, Q-Former hidden]: what
+        llm_proj maps into the GLM (and what the demo's stage-0 classifier reads)."""
+        return self.read_queries(self.vision_tokens(pixel_values))
 
     def _encode_image(self, pixel_values):
         return self.llm_proj(self.query_outputs(pixel_values)).astype(self.residual_dtype)

@@ -4,27 +4,42 @@ VisualGLM-6B never trains its vision side from nothing: its ViT is EVA-CLIP, pre
 and its Q-Former comes from BLIP-2, whose first stage teaches the queries to extract what the frozen ViT sees;
 ChatGLM then learns to talk about the queries. The demo model follows the same plan at toy scale. A ViT this
 small trained from scratch through the language loss learns colours in a few hundred steps but shapes only
-after thousands (shape needs non-linear patch features; the answer tokens carry little gradient for them),
-far more than the 30-minute budget allows at the full model's step cost. Trained alone, with a direct signal,
-it learns them in minutes: a linear head on the mean of the Q-Former's query outputs classifies every image's
-shape kind, colour and object count (three softmax cross-entropies). Reading through the Q-Former (not the
-ViT tokens) makes the queries carry those attributes, stars included, before the language stages start, so
-that the LoRA stage finds the star in the queries the base model never needed it from. The head is thrown
-away; stages 1 and 2 then train the rest with the project's finetune code, the ViT frozen.
+after thousands (shape needs non-linear patch features; the answer tokens carry little gradient for them).
+Trained alone, with direct signals, it learns them in minutes:
 
-The classifier sees the images of the training splits only (never a held-out one), stars included: like CLIP,
-the vision side has seen the world; only the language model has never heard of a star (the LoRA stage's
-new concept).
+- a linear head on the mean of the Q-Former's query outputs classifies every image's shape kind, colour and
+  object count (three softmax cross-entropies); reading through the Q-Former (not the ViT tokens) makes the
+  queries carry those attributes, stars included, before the language stages start, so that the LoRA stage
+  finds the star in the queries the base model never needed it from;
+- a linear head on every patch token says what covers the patch (background or a shape kind) and how many
+  objects have their centre in it: a dense signal for the patch features, which lets the queries count
+  centres rather than guess the count from the covered area (which varies with the size);
+- a curriculum: the first steps see only narrow, easy scenes (generate_data.EASY, the vision_easy split),
+  then all of them. From the wide distribution alone (any background, size, style, rotation at once) a ViT
+  this small learns colours but stays near chance on shapes for thousands of steps.
+
+The heads are thrown away; stages 1 and 2 then train the rest with the project's finetune code, the ViT
+frozen. The classifier sees the images of the training splits only (never a held-out one), stars included:
+like CLIP, the vision side has seen the world; only the language model has never heard of a star (the LoRA
+stage's new concept).
 """
 import numpy as np
+from PIL import Image, ImageDraw
 
-from visualglm.demo.generate_data import COLOURS, MAX_COUNT, SHAPES
+from visualglm.demo.generate_data import COLOURS, MAX_COUNT, SHAPES, shape_polygon
 
 HEADS = (("shape", list(SHAPES)), ("colour", list(COLOURS)), ("count", list(range(1, MAX_COUNT + 1))))
 # each head's (start, end) columns of the classifier's logits
 _ENDS = np.cumsum([len(classes) for _, classes in HEADS]).tolist()
 HEAD_COLUMNS = tuple(zip([0] + _ENDS[:-1], _ENDS))
 VISION_PARAMETERS = ("visual_encoder.", "ln_vision.", "qformer.", "query_tokens")
+# Per-patch targets (the dense signal that EVA-CLIP's and BLIP-2's pretraining gives their patch features, here
+# from the scene itself): what covers the patch (background or a shape kind), and whether an object's centre
+# lies in it (the Q-Former then counts centres instead of guessing from the area, which varies with size).
+PATCH_CLASSES = 1 + len(SHAPES)
+MASK_SCALE = 8          # the coverage mask is drawn at MASK_SCALE pixels per patch
+MIN_COVER = 0.2         # a patch belongs to a shape when the shape covers this share of it
+CENTRE_CLASSES = 3      # objects whose centre lies in a patch: 0, 1, 2 or more (small touching copies share one)
 
 
 def scene_targets(scene):
@@ -34,44 +49,79 @@ def scene_targets(scene):
     return [classes.index(values[name]) for name, classes in HEADS]
 
 
-def _classifier(model, seed):
-    """The model's vision side (ViT, ln_vision, Q-Former with its query tokens; `VisualGLMModel.query_outputs`)
-    and a linear head on the mean of the query outputs; the head drawn with numpy from seed."""
+def patch_targets(scene, grid):
+    """(cover [grid * grid] in 0..len(SHAPES): 0 background, else 1 + the shape kind covering the patch;
+    centre [grid * grid]: how many objects have their centre in the patch, at most CENTRE_CLASSES - 1), patches
+    in the ViT's row-major order."""
+    side = grid * MASK_SCALE
+    cover = np.zeros(grid * grid, np.int32)
+    centre = np.zeros(grid * grid, np.int32)
+    kinds = list(SHAPES)
+    for group in scene["groups"]:
+        mask = Image.new("L", (side, side), 0)
+        draw = ImageDraw.Draw(mask)
+        for cx, cy, s, angle in group["objects"]:
+            if group["shape"] == "circle":
+                r = s * side / 2
+                draw.ellipse((cx * side - r, cy * side - r, cx * side + r, cy * side + r), fill=255)
+            else:
+                draw.polygon(shape_polygon(group["shape"], cx * side, cy * side, s * side, angle), fill=255)
+            row, col = min(int(cy * grid), grid - 1), min(int(cx * grid), grid - 1)
+            centre[row * grid + col] = min(centre[row * grid + col] + 1, CENTRE_CLASSES - 1)
+        share = (np.asarray(mask, np.float32) / 255).reshape(grid, MASK_SCALE, grid, MASK_SCALE).mean((1, 3))
+        cover[share.reshape(-1) >= MIN_COVER] = 1 + kinds.index(group["shape"])
+    return cover, centre
+
+
+def _classifier(model, seed, patch_head=True):
+    """The model's vision side (ViT, ln_vision, Q-Former with its query tokens; `VisualGLMModel.vision_tokens`
+    and `read_queries`), a linear head on the mean of the query outputs and one on every patch token; the heads
+    drawn with numpy from seed."""
     import mindspore as ms
     from mindspore import nn
 
     hidden = model.query_tokens.shape[-1]
+    vit_hidden = model.ln_vision.gamma.shape[-1]
     outputs = HEAD_COLUMNS[-1][1]
     rng = np.random.default_rng([seed, 11])
+
+    def dense(name, width, out):
+        cell = nn.Dense(width, out, weight_init=ms.Tensor(rng.normal(0, width ** -0.5, (out, width)), ms.float32),
+                        bias_init="zeros")
+        cell.update_parameters_name(name)
+        return cell
 
     class VisionClassifier(nn.Cell):
         def __init__(self):
             super().__init__(auto_prefix=False)   # the model's parameters keep their names (no "model." prefix)
             self.model = model
-            self.head = nn.Dense(hidden, outputs,
-                                 weight_init=ms.Tensor(rng.normal(0, hidden ** -0.5, (outputs, hidden)), ms.float32),
-                                 bias_init="zeros")
-            self.head.update_parameters_name("head.")
+            self.head = dense("head.", hidden, outputs)
+            self.patch_head = dense("patch_head.", vit_hidden, PATCH_CLASSES + CENTRE_CLASSES)
             self.ce = nn.SoftmaxCrossEntropyWithLogits(sparse=True, reduction="mean")
 
         def logits(self, pixels):
             return self.head(self.model.query_outputs(pixels).mean(1))
 
-        def construct(self, pixels, targets):
-            logits = self.logits(pixels)
+        def construct(self, pixels, targets, cover, centre):
+            image = self.model.vision_tokens(pixels)
+            logits = self.head(self.model.read_queries(image).mean(1))
             loss = 0.0
             for i, (start, end) in enumerate(HEAD_COLUMNS):
                 loss = loss + self.ce(logits[:, start:end], targets[:, i])
-            return loss
+            patches = self.patch_head(image[:, 1:]).reshape(-1, PATCH_CLASSES + CENTRE_CLASSES)
+            loss = loss + self.ce(patches[:, :PATCH_CLASSES], cover.reshape(-1))
+            return loss + self.ce(patches[:, PATCH_CLASSES:], centre.reshape(-1))
 
     return VisionClassifier()
 
 
-def pretrain_vision(model, pixels, targets, steps, batch_size, learning_rate, weight_decay, seed, warmup_steps=0,
-                    log_steps=250):
+def pretrain_vision(model, pixels, targets, cover, centre, steps, batch_size, learning_rate, weight_decay, seed,
+                    warmup_steps=0, log_steps=250, easy_rows=0, easy_steps=0):
     """Train the model's vision side in place as the classifier above, on pixels [N, 3, S, S] (preprocessed by
-    the model's image processor) and targets [N, 3]: AdamW, a linear warmup and a cosine decay to a tenth
-    (the finetune stages' AnnealingLR). Returns the losses of every step and the classifier (for `accuracy`)."""
+    the model's image processor), targets [N, 3] and the patch targets cover, centre [N, patches]: AdamW, a
+    linear warmup and a cosine decay to a tenth (the finetune stages' AnnealingLR). A curriculum: the first
+    `easy_steps` steps draw their batches from the first `easy_rows` rows only (the vision_easy scenes), the
+    rest from all rows. Returns the losses of every step and the classifier (for `accuracy`)."""
     import time
     import mindspore as ms
     from mindspore import nn
@@ -79,7 +129,8 @@ def pretrain_vision(model, pixels, targets, steps, batch_size, learning_rate, we
 
     net = _classifier(model, seed)
     # what query_outputs reads, and the head: the GLM and llm_proj are not stage 0's to train
-    params = [p for p in model.get_parameters() if p.name.startswith(VISION_PARAMETERS)] + list(net.head.get_parameters())
+    params = [p for p in model.get_parameters() if p.name.startswith(VISION_PARAMETERS)] + list(net.head.get_parameters()) + \
+        list(net.patch_head.get_parameters())
     for p in params:
         p.requires_grad = True
     schedule = AnnealingLR(learning_rate, warmup_steps, max(1, steps - warmup_steps), auto_warmup_steps=0)
@@ -89,8 +140,8 @@ def pretrain_vision(model, pixels, targets, steps, batch_size, learning_rate, we
     order = np.random.default_rng([seed, 13])
     losses, start = [], time.time()
     for i in range(steps):
-        index = order.integers(0, len(pixels), batch_size)
-        losses.append(float(step(ms.Tensor(pixels[index]), ms.Tensor(targets[index])).asnumpy()))
+        index = order.integers(0, easy_rows if i < easy_steps else len(pixels), batch_size)
+        losses.append(float(step(*(ms.Tensor(a[index]) for a in (pixels, targets, cover, centre))).asnumpy()))
         if (i + 1) % log_steps == 0 or i + 1 == steps:
             rate = (i + 1) * batch_size / (time.time() - start)
             print(f"vision step {i + 1}/{steps} loss {np.mean(losses[-log_steps:]):.4f} {rate:.0f} images/s",

@@ -1,21 +1,24 @@
 """Train the embedded demo model from nothing, with the project's own code, reproducibly from a seed:
 
-1. generate the synthetic scenes and their bilingual questions (generate_data.py);
-2. train the tokenizer on their text (tokenizer.py);
+1. generate the synthetic scenes, their bilingual questions and chats (generate_data.py): the training splits
+   from --seed, the held-out splits from evaluate.EVAL_SEED + --seed (images training never draws);
+2. train the tokenizer on the training text (tokenizer.py);
 3. stage 0, the vision side (ViT, ln_vision, Q-Former) of a freshly initialised small VisualGLM pretrained as
-   an image classifier (pretrain_vision.py; the demo's stand-in for EVA-CLIP and BLIP-2's first stage);
+   an image classifier with per-patch targets and an easy-first curriculum (pretrain_vision.py; the demo's
+   stand-in for EVA-CLIP and BLIP-2's first stage);
 4. stage 1, full-parameter training of the projection and GLM with the ViT and Q-Former frozen on the base
-   scenes, by `visualglm.finetune.run_finetune` with `pet_type: full`;
+   scenes' questions and chats, by `visualglm.finetune.run_finetune` with `pet_type: full`;
 5. stage 2, LoRA on the GLM's attention that teaches one new concept, the star (星形), absent from stage 1,
    by `run_finetune` with `pet_type: lora` on the stage-1 model;
 6. evaluate both on the held-out splits (evaluate.py) and write the weights, tokenizer, inference yamls
    and the evaluation table (eval.json, eval.md) to --out; with --ship also into research/visualglm/demo/weights/.
 
-    python research/visualglm/demo/train_demo.py --seed 0 --out output/visualglm_demo [--ship]
+    python research/visualglm/demo/train_demo.py --seed 0 --out /tmp/visualglm_demo [--ship]
 
 Every step is deterministic (seeded data, tokenizer, initial weights and data order; fixed step counts, never
-a time limit), so the same seed reproduces the shipped figures. --smoke runs a few steps of everything on a
-tiny data set (the test of this script).
+a time limit), so the same seed reproduces the shipped figures. The finetune stages' sequence lengths are the
+longest sample of the data (lengths_for). --smoke runs a few steps of everything on a tiny data set (the test
+of this script).
 """
 import argparse
 import json
@@ -36,25 +39,28 @@ SHIP_DIR = os.path.join(HERE, "weights")
 # The demo model: VisualGLM's architecture at a small size (fits the 25 MB budget in float32).
 MODEL = {
     "image_size": 96, "patch_size": 16,
-    "vit_hidden": 96, "vit_layers": 3, "vit_heads": 4,
+    "vit_hidden": 96, "vit_layers": 4, "vit_heads": 4,
     "qformer_hidden": 96, "qformer_layers": 2, "qformer_heads": 4, "query_length": 16,
     "glm_hidden": 128, "glm_layers": 3, "glm_heads": 4,
 }
+TRAINING_SPLITS = ("vision_easy", "train", "lora_train", "vision_train")   # drawn from the training seed
+HELD_OUT_SPLITS = ("heldout", "lora_heldout")                 # drawn from evaluate.EVAL_SEED + the training seed
 # Stage 0: the vision-side classifier on the images of the training splits.
-VISION = {"steps": 5000, "batch_size": 32, "learning_rate": 1e-3, "warmup_steps": 200, "weight_decay": 0.01}
+VISION = {"steps": 9000, "easy_steps": 1500, "batch_size": 32, "learning_rate": 4e-4, "warmup_steps": 200,
+          "weight_decay": 0.01}
 STAGE1 = {"epochs": 1, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 100, "weight_decay": 0.01,
-          "max_grad_norm": 1.0, "samples": 32000}   # the first `samples` questions of train/ (a fixed shuffle)
-STAGE2 = {"epochs": 2, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 30, "weight_decay": 0.0,
+          "max_grad_norm": 1.0, "samples": 40000}   # the first `samples` questions of train/ (a fixed shuffle)
+STAGE2 = {"epochs": 1, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 30, "weight_decay": 0.0,
           "max_grad_norm": 1.0, "lora_rank": 8, "lora_alpha": 16,
           "target_modules": r"attention\.(query_key_value|dense)$"}
-MAX_SOURCE_LENGTH, MAX_TARGET_LENGTH = 40, 16
-# The chat front ends' KV cache. 5 typical turns about an image (16 image slots; "描述这张图片。", then "它是什么
-# 颜色？", "有几个形状？" and the like, answers of 2-9 tokens) take 101 tokens (112 in English) with the demo
-# tokenizer. 128 would leave 16-27 tokens after them, less than a longer answer ("你能做什么？" is 29 tokens);
-# 256, the next power of two, leaves room for that and for more turns.
+TOKENIZER = {"vocab_size": 1000}   # a target: SentencePiece stops when the text has no more merges (about 880)
+LENGTH_MULTIPLE = 8   # the finetune stages' source and target lengths: the longest of the data, rounded up to this
+# The chat front ends' KV cache: the longest training chat (five turns, the last with four turns of history, the
+# longest in English) takes about 120 tokens with the image slots; 256 leaves room for longer answers and a few
+# more turns before the oldest are dropped (serving.fit).
 INFERENCE_SEQ_LENGTH = 256
-SMOKE = {"data": {"train": 4, "heldout": 2, "lora_train": 2, "lora_heldout": 2, "vision_train": 2},
-         "vision": {"steps": 3, "batch_size": 4, "warmup_steps": 1},
+SMOKE = {"data": {"train": 4, "heldout": 2, "lora_train": 2, "lora_heldout": 2, "vision_train": 4, "vision_easy": 2},
+         "vision": {"steps": 3, "easy_steps": 1, "batch_size": 4, "warmup_steps": 1},
          "stage1": {"epochs": 1, "batch_size": 4, "warmup_steps": 1},
          "stage2": {"epochs": 1, "batch_size": 4, "warmup_steps": 1}}
 
@@ -116,9 +122,11 @@ def _pet_config(stage, layers):
             "lora_dropout": 0.0, "layer_range": layers, "target_modules": stage["target_modules"]}
 
 
-def finetune_yaml(vocab, vocab_path, checkpoint, dataset, stage, seed, lora, sizes=None):
-    """A finetune yaml of the shape of run_visualglm_lora.yaml for one stage."""
-    model = model_section(vocab, checkpoint, False, MAX_SOURCE_LENGTH + MAX_TARGET_LENGTH, sizes=sizes)
+def finetune_yaml(vocab, vocab_path, checkpoint, dataset, stage, seed, lora, lengths, sizes=None):
+    """A finetune yaml of the shape of run_visualglm_lora.yaml for one stage; lengths: (max_source_length,
+    max_target_length)."""
+    source_length, target_length = lengths
+    model = model_section(vocab, checkpoint, False, source_length + target_length, sizes=sizes)
     model["pet_config"] = _pet_config(stage if lora else None, dict(MODEL, **(sizes or {}))["glm_layers"])
     return {
         "seed": seed, "run_mode": "finetune", "output_dir": "./output", "use_parallel": False,
@@ -128,7 +136,7 @@ def finetune_yaml(vocab, vocab_path, checkpoint, dataset, stage, seed, lora, siz
                            "max_grad_norm": stage["max_grad_norm"]},
         "train_dataset": {"data_loader": {"type": "VisualGLMDataLoader", "dataset_dir": dataset, "shuffle": False,
                                           "random_mapping": False},   # each sample once per epoch
-                          "max_source_length": MAX_SOURCE_LENGTH, "max_target_length": MAX_TARGET_LENGTH},
+                          "max_source_length": source_length, "max_target_length": target_length},
         "model": {"model_config": model, "arch": {"type": "VisualGLMModel"}},
         "lr_schedule": {"type": "AnnealingLR", "learning_rate": stage["learning_rate"],
                         "warmup_steps": stage["warmup_steps"], "num_iters": stage["num_iters"],
@@ -148,6 +156,26 @@ def write_yaml(path, data, header=""):
     return path
 
 
+def lengths_for(vocab, datasets, query_length):
+    """(max_source_length, max_target_length) that hold every sample of the dataset.json files untruncated, each
+    rounded up to LENGTH_MULTIPLE: the source is `<img>`, the image slots, `</img>问：{prompt}\n答：` and
+    [gMASK]; the target <sop>, the label and <eop> (dataset.VisualGLMSampleBuilder)."""
+    from visualglm.processing import build_prompt
+    prompts, labels = set(), set()
+    for path in datasets:
+        with open(path, encoding="utf-8") as f:
+            for entry in json.load(f):
+                prompts.add(entry["prompt"])
+                labels.add(entry["label"])
+    pre = len(vocab.encode(build_prompt("")[0], add_special_tokens=False))
+    empty = build_prompt("")[1]
+    before = empty.index("\n")
+    longest_source = max(len(vocab.encode(empty[:before] + p + empty[before:], add_special_tokens=False))
+                         for p in prompts) + pre + query_length + 1
+    longest_target = max(len(vocab.encode(label, add_special_tokens=False)) for label in labels) + 2
+    return tuple(-(-n // LENGTH_MULTIPLE) * LENGTH_MULTIPLE for n in (longest_source, longest_target))
+
+
 def schedule_for(stage, samples):
     """The stage's optimiser steps (its lr_schedule.num_iters): every sample once per epoch (the dataset.json
     order is a fixed shuffle, the last incomplete batch dropped)."""
@@ -155,6 +183,22 @@ def schedule_for(stage, samples):
 
 
 # ------------------------------------------------------------------------------------------------ weights
+def sincos_position_embedding(shape):
+    """MAE's fixed 2-D sine-cosine position embedding [1, 1 + grid * grid, hidden] (zeros for the CLS token):
+    half of the channels encode the patch's row, half its column, at geometric frequencies. A ViT this small
+    learns where its patches are from N(0, 0.02) starting values only slowly; with these it can compare patch
+    positions (the geometry of a shape) from the first step."""
+    _, tokens, hidden = shape
+    grid = int(round((tokens - 1) ** 0.5))
+    quarter = hidden // 4
+    frequencies = 1.0 / 10000 ** (np.arange(quarter) / quarter)
+    rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    parts = [f(pos.reshape(-1, 1) * frequencies) for pos in (rows, cols) for f in (np.sin, np.cos)]
+    table = np.zeros((tokens, hidden), np.float32)
+    table[1:, :4 * quarter] = np.concatenate(parts, axis=1)
+    return table[None]
+
+
 def init_model(config, seed):
     """A freshly initialised model, drawn with numpy from the seed so that it is the same on every machine:
     weights N(0, 1/fan_in) (unit-variance activations at every depth), embeddings and query tokens N(0, 1),
@@ -168,6 +212,9 @@ def init_model(config, seed):
     rng = np.random.default_rng([seed, 7])
     for param in model.get_parameters():
         name = param.name
+        if name == "visual_encoder.pos_embed":
+            param.set_data(ms.Tensor(sincos_position_embedding(shape=tuple(param.shape))))
+            continue
         if name.endswith(("key_past", "value_past")) or name.startswith("visual_encoder."):
             continue
         shape = tuple(param.shape)
@@ -184,20 +231,26 @@ def init_model(config, seed):
     return model
 
 
-def vision_data(data, seed, splits, image_size):
-    """(pixels [N, 3, S, S], targets [N, 3]) of every image of the given splits, preprocessed as the model's
-    processor does, with the scene's shape, colour and count as targets."""
+def vision_data(data, seed, splits, image_size, patch_size):
+    """(pixels [N, 3, S, S], targets [N, 3], cover [N, patches], centre [N, patches]) of every image of the given
+    splits, preprocessed as the model's processor does, with the scene's shape, colour and count as targets and
+    the per-patch targets of pretrain_vision.patch_targets."""
     from visualglm.demo.generate_data import make_scene, scene_rng
-    from visualglm.demo.pretrain_vision import scene_targets
+    from visualglm.demo.pretrain_vision import patch_targets, scene_targets
     from visualglm.processing import VisualGLMImageProcessor
     processor = VisualGLMImageProcessor(image_size)
-    pixels, targets = [], []
+    pixels, targets, cover, centre = [], [], [], []
     for split in splits:
         folder = os.path.join(data, split, "images")
         for index in range(len(os.listdir(folder))):
             pixels.append(processor.preprocess_one(os.path.join(folder, f"{split}_{index:05d}.png")))
-            targets.append(scene_targets(make_scene(scene_rng(seed, split, index), split, index)))
-    return np.stack(pixels).astype(np.float32), np.asarray(targets, np.int32)
+            scene = make_scene(scene_rng(seed, split, index), split, index)
+            targets.append(scene_targets(scene))
+            patch_cover, patch_centre = patch_targets(scene, image_size // patch_size)
+            cover.append(patch_cover)
+            centre.append(patch_centre)
+    return (np.stack(pixels).astype(np.float32), np.asarray(targets, np.int32), np.stack(cover),
+            np.stack(centre))
 
 
 def save_model(model, path):
@@ -260,32 +313,40 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
     s1 = dict(STAGE1, **(SMOKE["stage1"] if smoke else {}), **(stage1 or {}))
     s2 = dict(STAGE2, **(SMOKE["stage2"] if smoke else {}), **(stage2 or {}))
     counts = dict(SMOKE["data"] if smoke else {}, **(data_counts or {}))
-    image_size = dict(MODEL, **(sizes or {}))["image_size"]
+    model_sizes = dict(MODEL, **(sizes or {}))
+    image_size = model_sizes["image_size"]
     data = os.path.join(out, "data")
-    written = generate(data, seed, counts, size=image_size)
+    eval_seed = evaluation.EVAL_SEED + seed   # held-out images from a seed training never draws from
+    written = generate(data, seed, counts, size=image_size, splits=TRAINING_SPLITS)
+    written.update(generate(data, eval_seed, counts, size=image_size, splits=HELD_OUT_SPLITS))
     print(f"data: {written} ({time.time() - t0:.0f} s)", flush=True)
 
-    vocab_path = train_tokenizer(corpus_lines(seed, counts), os.path.join(out, "demo_tokenizer.model"),
-                                 chinese_words())
+    vocab_path = train_tokenizer(corpus_lines(seed, counts, TRAINING_SPLITS),
+                                 os.path.join(out, "demo_tokenizer.model"), chinese_words(), TOKENIZER["vocab_size"])
     vocab = ChatGLMTokenizer(vocab_path)
 
     # stage 0: a fresh model; its vision side (ViT, ln_vision, Q-Former) pretrained as an image classifier
     train_set, s1_samples = first_entries(os.path.join(data, "train", "dataset.json"), s1["samples"], "stage1.json")
+    lora_set = os.path.join(data, "lora_train", "dataset.json")
+    lengths = lengths_for(vocab, (train_set, lora_set), model_sizes["query_length"])
     s1["steps"] = s1["num_iters"] = schedule_for(s1, s1_samples)
     init_path = os.path.join(out, "init.ckpt")
-    stage1 = finetune_yaml(vocab, vocab_path, init_path, train_set, s1, seed, False, sizes)
+    stage1 = finetune_yaml(vocab, vocab_path, init_path, train_set, s1, seed, False, lengths, sizes)
     stage1_yaml = write_yaml(os.path.join(out, "stage1_full.yaml"), stage1)
     app.set_device(stage1["context"]["device_target"])   # GRAPH mode, as the finetune stages run
     model = init_model(load_config(stage1_yaml), seed)
     t_vision = time.time()
-    pixels, targets = vision_data(data, seed, ("train", "lora_train", "vision_train"), image_size)
-    losses, classifier = pretrain_vision(model, pixels, targets, sv["steps"], sv["batch_size"], sv["learning_rate"],
-                                         sv["weight_decay"], seed, sv["warmup_steps"])
-    vision_accuracy = {split: accuracy(classifier, *vision_data(data, seed, (split,), image_size))
-                       for split in ("heldout", "lora_heldout")}
+    patch_size = model_sizes["patch_size"]
+    pixels, targets, cover, centre = vision_data(data, seed, TRAINING_SPLITS, image_size, patch_size)
+    easy_rows = len(os.listdir(os.path.join(data, "vision_easy", "images")))   # TRAINING_SPLITS starts with it
+    losses, classifier = pretrain_vision(model, pixels, targets, cover, centre, sv["steps"], sv["batch_size"],
+                                         sv["learning_rate"], sv["weight_decay"], seed, sv["warmup_steps"],
+                                         easy_rows=easy_rows, easy_steps=sv["easy_steps"])
+    vision_accuracy = {split: accuracy(classifier, *vision_data(data, eval_seed, (split,), image_size, patch_size)[:2])
+                       for split in HELD_OUT_SPLITS}
     vision_seconds = time.time() - t_vision
     save_model(model, init_path)
-    del pixels, classifier
+    del pixels, cover, centre, classifier
     print(f"stage 0: {sv['steps']} steps in {vision_seconds:.0f} s, loss {np.mean(losses[:50]):.3f} -> "
           f"{np.mean(losses[-50:]):.4f}, held-out accuracy {vision_accuracy}", flush=True)
 
@@ -305,10 +366,9 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
         return {"stage1": s1, "heldout": result, "total_seconds": time.time() - t0}
 
     # stage 2: LoRA on the new concept
-    lora_set = os.path.join(data, "lora_train", "dataset.json")
     s2["steps"] = s2["num_iters"] = schedule_for(s2, written["lora_train"])
     stage2_yaml = write_yaml(os.path.join(out, "stage2_lora.yaml"),
-                             finetune_yaml(vocab, vocab_path, base_path, lora_set, s2, seed, True, sizes))
+                             finetune_yaml(vocab, vocab_path, base_path, lora_set, s2, seed, True, lengths, sizes))
     result2 = run_stage(stage2_yaml, lora_set, os.path.join(out, "stage2"), seed, s2["batch_size"], s2["num_iters"])
     lora_path = os.path.join(out, "visualglm_demo_lora.ckpt")
     copy_atomic(result2["trainable_checkpoint"], lora_path)
@@ -318,7 +378,7 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
     lora_yaml = write_yaml(os.path.join(out, "run_visualglm_demo_lora.yaml"),
                            inference_yaml(vocab, vocab_path, base_path, lora=s2, sizes=sizes))
     summary = {
-        "seed": seed, "model": dict(MODEL, **(sizes or {})), "vocab_size": vocab.vocab_size,
+        "seed": seed, "eval_seed": eval_seed, "model": model_sizes, "lengths": list(lengths), "vocab_size": vocab.vocab_size,
         "parameters": count_parameters(base_path), "lora_parameters": count_parameters(lora_path),
         "weights_bytes": os.path.getsize(base_path) + os.path.getsize(lora_path) + os.path.getsize(vocab_path),
         "data": {split: {"images": counts.get(split), "questions": n} for split, n in written.items()},
