@@ -182,8 +182,8 @@ def check(results):
                    "bar": f"<= {FALSE_STAR_LIMIT}", "ok": false_star <= FALSE_STAR_LIMIT})
     for lang in LANGUAGES:
         for qtype in QUESTION_TYPES:
-            drop = _acc(base["heldout"], lang, qtype) - _acc(lora["heldout"], lang, qtype)
-            checks.append({"what": f"LoRA drop on held-out {qtype} ({lang})", "value": round(drop, 4),
+            drop = round(_acc(base["heldout"], lang, qtype) - _acc(lora["heldout"], lang, qtype), 4)
+            checks.append({"what": f"LoRA drop on held-out {qtype} ({lang})", "value": drop,
                            "bar": f"<= {MAX_DROP}", "ok": drop <= MAX_DROP})
     return checks
 
