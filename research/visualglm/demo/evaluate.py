@@ -116,14 +116,6 @@ def evaluate_split(engine, folder, batch_size=16):
             "wrong_examples": wrong[:30], "seconds": round(time.time() - start, 1)}
 
 
-def held_out_data(folder, seed, counts=None):
-    """Generate the held-out splits (heldout, lora_heldout) of evaluation seed `seed` into `folder`."""
-    from visualglm.demo.generate_data import DEFAULT_COUNTS, generate
-    counts = dict(DEFAULT_COUNTS, **(counts or {}))
-    generate(folder, seed, counts, splits=("heldout", "lora_heldout"))
-    return folder
-
-
 def evaluate_all(base_yaml, lora_yaml, lora_checkpoint, data, batch_size=16):
     """Base model and base + LoRA, each on heldout/ (the base questions) and lora_heldout/ (the new concept)."""
     results = {}

@@ -146,17 +146,17 @@ def _backdrop(rng, colour, kinds):
     shape colour contrasts with; GRADIENT_SHARE of them a vertical gradient into a second such colour of the
     same kind (a light-to-dark ramp would leave no colour that contrasts with all of it)."""
     kind = _pick(rng, kinds)
-    while True:
-        top = _background_colour(rng, kind)
-        if contrasts(colour, top):
-            break
-    bottom = None
-    if rng.random() < GRADIENT_SHARE:
-        while True:
-            bottom = _background_colour(rng, kind)
-            if contrasts(colour, bottom):
-                break
+    top = _contrasting_background(rng, kind, colour)
+    bottom = _contrasting_background(rng, kind, colour) if rng.random() < GRADIENT_SHARE else None
     return kind, top, bottom
+
+
+def _contrasting_background(rng, kind, colour):
+    """A background colour of `kind` that `colour` contrasts with (rejection sampling)."""
+    while True:
+        background = _background_colour(rng, kind)
+        if contrasts(colour, background):
+            return background
 
 
 def _kinds_for(rng, split, index):
@@ -418,7 +418,7 @@ def _chat(scene, focus, rng, lang, split):
     """A chat of 2-5 turns (CHAT_TURNS) as records: the first turn a question about the picture (sometimes small
     talk), each later one a follow-up, another question or small talk (LATER_TURN)."""
     turns, records = [], []
-    for index in range(_pick_int(rng, CHAT_TURNS)):
+    for index in range(_pick(rng, CHAT_TURNS)):
         step = "small talk" if index == 0 and rng.random() < 0.1 else (
             "question" if index == 0 else _pick(rng, LATER_TURN))
         if step == "follow-up":
@@ -435,10 +435,6 @@ def _chat(scene, focus, rng, lang, split):
             records.append(Record(qtype, lang, question, label, concept, tuple(turns)))
         turns.append((question, label))
     return records
-
-
-def _pick_int(rng, weights):
-    return int(_pick(rng, {str(k): v for k, v in weights.items()}))
 
 
 def _held_out_chat(scene, focus, rng, lang, split):
