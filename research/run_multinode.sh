@@ -75,6 +75,40 @@ PATH="$(dirname "$(command -v python)"):$PATH"
 export PATH
 launcher_log="$log_dir/msrun_node_$node_rank.log"
 
+# After a lost node msrun on node 0 waits for its scheduler, which lingers about MS_NODE_TIMEOUT seconds more
+# in its own finalize once the workers are gone: stop it then, so that the job ends within seconds of the
+# loss being detected. Processes are found by their MS_ROLE among this script's descendants.
+descendants_with_role() {
+    local pid
+    for pid in $(ps -e -o pid=,ppid= | awk -v root=$$ '{parent[$1] = $2}
+        END {for (p in parent) for (q = parent[p]; q > 1; q = parent[q]) if (q == root) {print p; break}}'); do
+        # (2>/dev/null first: a process may end between ps and here)
+        tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qx "MS_ROLE=$1" && echo "$pid"
+    done
+}
+stop_lingering_scheduler() {
+    local sched_log=$1 started=$2 lost_at=0
+    while sleep 1; do
+        [ -f "$sched_log" ] && [ "$(stat -c %Y "$sched_log")" -ge "$started" ] || continue   # not a stale log
+        grep -q "is timed out" "$sched_log" || continue
+        [ "$lost_at" -eq 0 ] && lost_at=$SECONDS
+        # this node's workers stop on their own once told of the loss; give them up to 20 s
+        [ -n "$(descendants_with_role MS_WORKER)" ] && [ $((SECONDS - lost_at)) -lt 20 ] && continue
+        local scheduler
+        scheduler=$(descendants_with_role MS_SCHED)
+        [ -z "$scheduler" ] && return 0
+        kill -TERM $scheduler 2>/dev/null
+        for _ in 1 2 3 4 5; do sleep 1; kill -0 $scheduler 2>/dev/null || return 0; done
+        kill -KILL $scheduler 2>/dev/null
+        return 0
+    done
+}
+watchdog=
+if [ "$node_rank" -eq 0 ]; then
+    stop_lingering_scheduler "$log_dir/scheduler.log" "$(date +%s)" &
+    watchdog=$!
+fi
+
 interrupted=0
 trap 'interrupted=1' INT TERM   # msrun stops the workers itself on Ctrl-C, then exits 0: report it as 130
 # msrun's stdout (the workers' logs, tailed) stays on stdout; its own messages and traceback go to its log file.
@@ -83,6 +117,7 @@ msrun --worker_num="$worker_num" --local_worker_num="$local_worker" --master_add
     --cluster_time_out="${CLUSTER_TIME_OUT:-600}" \
     "$here/visualglm/run_visualglm_finetune.py" "$@" 2>"$launcher_log"
 status=$?
+[ -n "$watchdog" ] && kill "$watchdog" 2>/dev/null
 if [ "$interrupted" -eq 1 ]; then
     echo "$me: interrupted; workers stopped (logs in $log_dir)" >&2
     exit 130

@@ -12,10 +12,15 @@ from mindspore.common.initializer import Normal, initializer
 MASKED_SCORE = -10000.0
 
 
+def built_for_cpu():
+    """Whether the model is being built for the CPU backend (the CPU kernels and formulas below), not Ascend/GPU."""
+    return ms.get_context("device_target") == "CPU"
+
+
 def cpu_kernel(transpose_b):
     """The repository's CPU matmul kernel (research/visualglm/kernels) when the model is built for the CPU,
     else None: every other device keeps MindSpore's MatMul."""
-    if ms.get_context("device_target") != "CPU":
+    if not built_for_cpu():
         return None
     from visualglm.kernels import linear_op
     return linear_op(transpose_b)
@@ -30,7 +35,7 @@ class TanhGeLU(nn.Cell):
 
     def __init__(self):
         super().__init__()
-        self.as_sigmoid = ms.get_context("device_target") == "CPU"
+        self.as_sigmoid = built_for_cpu()
 
     def construct(self, x):
         if self.as_sigmoid:
@@ -77,7 +82,7 @@ class Linear(nn.Cell):
 
 def quantized_cpu_kernel(bits):
     """The CPU kernel's int8/int4 product when the model is built for the CPU and the kernel runs here, else None."""
-    if ms.get_context("device_target") != "CPU":
+    if not built_for_cpu():
         return None
     from visualglm.kernels import quantized_linear_op
     return quantized_linear_op(bits)
