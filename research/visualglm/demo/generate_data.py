@@ -33,6 +33,7 @@ concept, the question and history apart, and the scene's variations):
     lora_heldout/   scenes with a star, other images          new-concept evaluation
     vision_train/   all four kinds alike                      stage 0 only (the vision classifier)
     vision_easy/    all four kinds, narrow scenes (EASY)      the first steps of stage 0 only
+    (vision_more)   all four kinds alike, never written       stage 0 only: drawn in memory (pretrain_vision)
 
 Held-out chats follow a fixed plan (a question, two follow-ups about the other attributes, small talk), training
 chats a random one. Everything is a function of --seed: image i of a split is drawn from its own generator
@@ -72,9 +73,11 @@ COLOURS = {                   # name -> (Chinese, RGB)
 }
 ZH_NUMBERS = {1: "一", 2: "两", 3: "三"}
 EN_NUMBERS = {0: "no", 1: "one", 2: "two", 3: "three"}
-SPLITS = {"train": 0, "heldout": 1, "lora_train": 2, "lora_heldout": 3, "vision_train": 4, "vision_easy": 5}
+SPLITS = {"train": 0, "heldout": 1, "lora_train": 2, "lora_heldout": 3, "vision_train": 4, "vision_easy": 5,
+          "vision_more": 6}
 QUESTION_TYPES = ("description", "colour", "shape", "count", "follow-up", "small talk")
 LANGUAGES = ("zh", "en")
+# the splits written to disk (vision_more is drawn in memory by stage 0: its size is train_demo.VISION's)
 DEFAULT_COUNTS = {"train": 5000, "heldout": 300, "lora_train": 1200, "lora_heldout": 150, "vision_train": 4000,
                   "vision_easy": 3000}
 IMAGE_SIZE = 96               # the demo model's input size: dataset images are stored at it (no resize)
@@ -526,7 +529,7 @@ def _write_json(path, data):
         f.write("\n")
 
 
-def generate(out, seed=0, counts=None, size=IMAGE_SIZE, splits=tuple(SPLITS)):
+def generate(out, seed=0, counts=None, size=IMAGE_SIZE, splits=tuple(DEFAULT_COUNTS)):
     """The given splits (default all) under `out`; returns {split: number of entries}. Checks that no image
     repeats."""
     counts = dict(DEFAULT_COUNTS, **(counts or {}))
@@ -543,7 +546,7 @@ def generate(out, seed=0, counts=None, size=IMAGE_SIZE, splits=tuple(SPLITS)):
     return written
 
 
-def corpus_lines(seed=0, counts=None, splits=tuple(SPLITS)):
+def corpus_lines(seed=0, counts=None, splits=tuple(DEFAULT_COUNTS)):
     """Every question and answer text of the splits, in order, repeats kept (the tokenizer's training text),
     without drawing images."""
     counts = dict(DEFAULT_COUNTS, **(counts or {}))
@@ -596,12 +599,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     for split, count in DEFAULT_COUNTS.items():
         parser.add_argument(f"--{split}", type=int, default=count, help=f"images in {split} (default {count})")
-    parser.add_argument("--splits", nargs="+", choices=tuple(SPLITS), default=list(SPLITS),
+    parser.add_argument("--splits", nargs="+", choices=tuple(DEFAULT_COUNTS), default=list(DEFAULT_COUNTS),
                         help="write only these splits (default: all), e.g. --splits lora_train for the star LoRA")
     parser.add_argument("--image_size", type=int, default=IMAGE_SIZE)
     parser.add_argument("--examples", default=None, help="also draw the example images into this folder")
     args = parser.parse_args(argv)
-    counts = {split: getattr(args, split) for split in SPLITS}
+    counts = {split: getattr(args, split) for split in DEFAULT_COUNTS}
     written = generate(args.out, args.seed, counts, args.image_size, args.splits)
     for split, n in written.items():
         print(f"{split}: {counts[split]} images, {n} question/answer pairs -> {os.path.join(args.out, split)}")

@@ -15,18 +15,23 @@ Trained alone, with direct signals, it learns them in minutes:
   objects have their centre in it: a dense signal for the patch features, which lets the queries count
   centres rather than guess the count from the covered area (which varies with the size);
 - a curriculum: the first steps see only narrow, easy scenes (generate_data.EASY, the vision_easy split),
-  then all of them. From the wide distribution alone (any background, size, style, rotation at once) a ViT
-  this small learns colours but stays near chance on shapes for thousands of steps.
+  then a blend whose share of easy scenes falls to none, then all of them. From the wide distribution alone
+  (any background, size, style, rotation at once) a ViT this small learns colours but stays near chance on
+  shapes for thousands of steps;
+- many distinct images: besides the training splits' images, a pool of wide scenes (the vision_more split)
+  drawn in memory, never written, so that the classifier does not learn the images by heart.
 
 The heads are thrown away; stages 1 and 2 then train the rest with the project's finetune code, the ViT
 frozen. The classifier sees the images of the training splits only (never a held-out one), stars included:
 like CLIP, the vision side has seen the world; only the language model has never heard of a star (the LoRA
 stage's new concept).
 """
+import os
+
 import numpy as np
 from PIL import Image, ImageDraw
 
-from visualglm.demo.generate_data import COLOURS, MAX_COUNT, SHAPES, shape_polygon
+from visualglm.demo.generate_data import COLOURS, MAX_COUNT, SHAPES, draw_scene, make_scene, scene_rng, shape_polygon
 
 HEADS = (("shape", list(SHAPES)), ("colour", list(COLOURS)), ("count", list(range(1, MAX_COUNT + 1))))
 # each head's (start, end) columns of the classifier's logits
@@ -73,6 +78,30 @@ def patch_targets(scene, grid):
     return cover, centre
 
 
+def scene_arrays(job):
+    """(image uint8 [S, S, 3], targets, cover, centre) of image `index` of `split` drawn from `seed`: the pixels
+    of generate_data's PNG of it (lossless), without writing it. job: (seed, split, index, image size, grid)."""
+    seed, split, index, size, grid = job
+    scene = make_scene(scene_rng(seed, split, index), split, index)
+    cover, centre = patch_targets(scene, grid)
+    return np.asarray(draw_scene(scene, size), np.uint8), scene_targets(scene), cover, centre
+
+
+def vision_arrays(seed, counts, size, grid, workers=None):
+    """(images uint8 [N, S, S, 3], targets [N, 3], cover [N, grid * grid], centre [N, grid * grid]) of the first
+    counts[split] images of every split, in that order, drawn in parallel (one process per CPU core)."""
+    import multiprocessing
+    jobs = [(seed, split, index, size, grid) for split, count in counts.items() for index in range(count)]
+    workers = workers or os.cpu_count() or 1
+    if workers > 1 and len(jobs) > 256:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            rows = pool.map(scene_arrays, jobs, chunksize=64)
+    else:
+        rows = [scene_arrays(job) for job in jobs]
+    images, targets, cover, centre = (np.stack([row[i] for row in rows]) for i in range(4))
+    return images, targets.astype(np.int32), cover.astype(np.int32), centre.astype(np.int32)
+
+
 def _classifier(model, seed, patch_head=True):
     """The model's vision side (ViT, ln_vision, Q-Former with its query tokens; `VisualGLMModel.vision_tokens`
     and `read_queries`), a linear head on the mean of the query outputs and one on every patch token; the heads
@@ -115,13 +144,26 @@ def _classifier(model, seed, patch_head=True):
     return VisionClassifier()
 
 
+def batch_rows(rng, step, batch_size, rows, easy_rows=0, easy_steps=0, blend_steps=0):
+    """The rows of step `step`'s batch: the first `easy_steps` steps from the first `easy_rows` rows only (the
+    vision_easy scenes); over the next `blend_steps` steps a share of easy rows falling linearly from all to
+    none, the rest from all rows; then all rows."""
+    if step < easy_steps:
+        return rng.integers(0, easy_rows, batch_size)
+    share = max(0.0, 1.0 - (step - easy_steps) / blend_steps) if blend_steps else 0.0
+    easy = int(round(share * batch_size))
+    return np.concatenate([rng.integers(0, easy_rows, easy), rng.integers(0, rows, batch_size - easy)])
+
+
 def pretrain_vision(model, pixels, targets, cover, centre, steps, batch_size, learning_rate, weight_decay, seed,
-                    warmup_steps=0, log_steps=250, easy_rows=0, easy_steps=0):
+                    warmup_steps=0, log_steps=250, easy_rows=0, easy_steps=0, blend_steps=0, preprocess=None,
+                    report=None, report_steps=0):
     """Train the model's vision side in place as the classifier above, on pixels [N, 3, S, S] (preprocessed by
-    the model's image processor), targets [N, 3] and the patch targets cover, centre [N, patches]: AdamW, a
-    linear warmup and a cosine decay to a tenth (the finetune stages' AnnealingLR). A curriculum: the first
-    `easy_steps` steps draw their batches from the first `easy_rows` rows only (the vision_easy scenes), the
-    rest from all rows. Returns the losses of every step and the classifier (for `accuracy`)."""
+    the model's image processor; or raw images with `preprocess`, which makes a batch of them the model's
+    input), targets [N, 3] and the patch targets cover, centre [N, patches]: AdamW, a linear warmup and a cosine
+    decay to a tenth (the finetune stages' AnnealingLR); batches as batch_rows draws them (the curriculum).
+    `report(net)` is called every `report_steps` steps (held-out accuracy on the way). Returns the losses of
+    every step and the classifier (for `accuracy`)."""
     import time
     import mindspore as ms
     from mindspore import nn
@@ -140,22 +182,29 @@ def pretrain_vision(model, pixels, targets, cover, centre, steps, batch_size, le
     order = np.random.default_rng([seed, 13])
     losses, start = [], time.time()
     for i in range(steps):
-        index = order.integers(0, easy_rows if i < easy_steps else len(pixels), batch_size)
-        losses.append(float(step(*(ms.Tensor(a[index]) for a in (pixels, targets, cover, centre))).asnumpy()))
+        index = batch_rows(order, i, batch_size, len(pixels), easy_rows, easy_steps, blend_steps)
+        batch = preprocess(pixels[index]) if preprocess else pixels[index]
+        losses.append(float(step(*(ms.Tensor(a) for a in (batch, targets[index], cover[index], centre[index])))
+                            .asnumpy()))
         if (i + 1) % log_steps == 0 or i + 1 == steps:
             rate = (i + 1) * batch_size / (time.time() - start)
             print(f"vision step {i + 1}/{steps} loss {np.mean(losses[-log_steps:]):.4f} {rate:.0f} images/s",
                   flush=True)
+        if report and report_steps and (i + 1) % report_steps == 0 and i + 1 < steps:
+            net.set_train(False)
+            report(net)
+            net.set_train(True)
     net.set_train(False)
     return losses, net
 
 
-def accuracy(net, pixels, targets, batch_size=256):
-    """Per-head accuracy of the classifier on held-out images."""
+def accuracy(net, pixels, targets, batch_size=256, preprocess=None):
+    """Per-head accuracy of the classifier on held-out images (raw with `preprocess`, as pretrain_vision)."""
     import mindspore as ms
     predictions = []
     for begin in range(0, len(pixels), batch_size):
-        logits = net.logits(ms.Tensor(pixels[begin:begin + batch_size])).asnumpy()
+        batch = pixels[begin:begin + batch_size]
+        logits = net.logits(ms.Tensor(preprocess(batch) if preprocess else batch)).asnumpy()
         predictions.append(np.stack([logits[:, start:end].argmax(-1) for start, end in HEAD_COLUMNS], -1))
     predictions = np.concatenate(predictions)
     return {name: float((predictions[:, i] == targets[:, i]).mean()) for i, (name, _) in enumerate(HEADS)}

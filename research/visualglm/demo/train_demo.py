@@ -4,8 +4,9 @@
    from --seed, the held-out splits from evaluate.EVAL_SEED + --seed (images training never draws);
 2. train the tokenizer on the training text (tokenizer.py);
 3. stage 0, the vision side (ViT, ln_vision, Q-Former) of a freshly initialised small VisualGLM pretrained as
-   an image classifier with per-patch targets and an easy-first curriculum (pretrain_vision.py; the demo's
-   stand-in for EVA-CLIP and BLIP-2's first stage);
+   an image classifier with per-patch targets and an easy-first curriculum, on the training splits' images and
+   a larger pool of wide scenes drawn in memory (pretrain_vision.py; the demo's stand-in for EVA-CLIP and
+   BLIP-2's first stage);
 4. stage 1, full-parameter training of the projection and GLM with the ViT and Q-Former frozen on the base
    scenes' questions and chats, by `visualglm.finetune.run_finetune` with `pet_type: full`;
 5. stage 2, LoRA on the GLM's attention that teaches one new concept, the star (星形), absent from stage 1,
@@ -46,8 +47,9 @@ MODEL = {
 TRAINING_SPLITS = ("vision_easy", "train", "lora_train", "vision_train")   # drawn from the training seed
 HELD_OUT_SPLITS = ("heldout", "lora_heldout")                 # drawn from evaluate.EVAL_SEED + the training seed
 # Stage 0: the vision-side classifier on the images of the training splits.
-VISION = {"steps": 9000, "easy_steps": 1500, "batch_size": 32, "learning_rate": 4e-4, "warmup_steps": 200,
-          "weight_decay": 0.01}
+# more_images: the in-memory pool of wide scenes (generate_data's vision_more) besides the training splits' images.
+VISION = {"steps": 20000, "easy_steps": 1500, "blend_steps": 4000, "batch_size": 32, "learning_rate": 4e-4,
+          "warmup_steps": 200, "weight_decay": 0.01, "more_images": 40000, "report_steps": 2500}
 STAGE1 = {"epochs": 1, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 100, "weight_decay": 0.01,
           "max_grad_norm": 1.0, "samples": 40000}   # the first `samples` questions of train/ (a fixed shuffle)
 STAGE2 = {"epochs": 1, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 30, "weight_decay": 0.0,
@@ -60,7 +62,8 @@ LENGTH_MULTIPLE = 8   # the finetune stages' source and target lengths: the long
 # more turns before the oldest are dropped (serving.fit).
 INFERENCE_SEQ_LENGTH = 256
 SMOKE = {"data": {"train": 4, "heldout": 2, "lora_train": 2, "lora_heldout": 2, "vision_train": 4, "vision_easy": 2},
-         "vision": {"steps": 3, "easy_steps": 1, "batch_size": 4, "warmup_steps": 1},
+         "vision": {"steps": 3, "easy_steps": 1, "blend_steps": 1, "batch_size": 4, "warmup_steps": 1,
+                    "more_images": 4, "report_steps": 2},
          "stage1": {"epochs": 1, "batch_size": 4, "warmup_steps": 1},
          "stage2": {"epochs": 1, "batch_size": 4, "warmup_steps": 1}}
 
@@ -168,9 +171,7 @@ def lengths_for(vocab, datasets, query_length):
                 prompts.add(entry["prompt"])
                 labels.add(entry["label"])
     pre = len(vocab.encode(build_prompt("")[0], add_special_tokens=False))
-    empty = build_prompt("")[1]
-    before = empty.index("\n")
-    longest_source = max(len(vocab.encode(empty[:before] + p + empty[before:], add_special_tokens=False))
+    longest_source = max(len(vocab.encode(build_prompt(p)[1], add_special_tokens=False))
                          for p in prompts) + pre + query_length + 1
     longest_target = max(len(vocab.encode(label, add_special_tokens=False)) for label in labels) + 2
     return tuple(-(-n // LENGTH_MULTIPLE) * LENGTH_MULTIPLE for n in (longest_source, longest_target))
@@ -231,26 +232,19 @@ def init_model(config, seed):
     return model
 
 
-def vision_data(data, seed, splits, image_size, patch_size):
-    """(pixels [N, 3, S, S], targets [N, 3], cover [N, patches], centre [N, patches]) of every image of the given
-    splits, preprocessed as the model's processor does, with the scene's shape, colour and count as targets and
-    the per-patch targets of pretrain_vision.patch_targets."""
-    from visualglm.demo.generate_data import make_scene, scene_rng
-    from visualglm.demo.pretrain_vision import patch_targets, scene_targets
+def vision_data(seed, counts, image_size, patch_size):
+    """(images uint8 [N, S, S, 3], targets [N, 3], cover [N, patches], centre [N, patches]) of the first
+    counts[split] images of every split in that order, drawn in memory (the written PNGs' pixels), with the
+    scene's shape, colour and count as targets and the per-patch targets of pretrain_vision.patch_targets."""
+    from visualglm.demo.pretrain_vision import vision_arrays
+    return vision_arrays(seed, counts, image_size, image_size // patch_size)
+
+
+def image_preprocessor(image_size):
+    """A batch of uint8 images [N, S, S, 3] -> the model's input [N, 3, S, S], by the model's own processor."""
     from visualglm.processing import VisualGLMImageProcessor
     processor = VisualGLMImageProcessor(image_size)
-    pixels, targets, cover, centre = [], [], [], []
-    for split in splits:
-        folder = os.path.join(data, split, "images")
-        for index in range(len(os.listdir(folder))):
-            pixels.append(processor.preprocess_one(os.path.join(folder, f"{split}_{index:05d}.png")))
-            scene = make_scene(scene_rng(seed, split, index), split, index)
-            targets.append(scene_targets(scene))
-            patch_cover, patch_centre = patch_targets(scene, image_size // patch_size)
-            cover.append(patch_cover)
-            centre.append(patch_centre)
-    return (np.stack(pixels).astype(np.float32), np.asarray(targets, np.int32), np.stack(cover),
-            np.stack(centre))
+    return lambda images: processor(images).astype(np.float32)
 
 
 def save_model(model, path):
@@ -302,7 +296,7 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
     from visualglm import app
     from visualglm.configuration import load_config
     from visualglm.demo import evaluate as evaluation
-    from visualglm.demo.generate_data import chinese_words, corpus_lines, generate
+    from visualglm.demo.generate_data import DEFAULT_COUNTS, chinese_words, corpus_lines, generate
     from visualglm.demo.pretrain_vision import accuracy, pretrain_vision
     from visualglm.demo.tokenizer import train_tokenizer
     from visualglm.tokenization import ChatGLMTokenizer
@@ -325,6 +319,19 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
                                  os.path.join(out, "demo_tokenizer.model"), chinese_words(), TOKENIZER["vocab_size"])
     vocab = ChatGLMTokenizer(vocab_path)
 
+    # stage 0's images, drawn in worker processes before MindSpore starts its threads (fork): the training
+    # splits' images (vision_easy first, for the curriculum), then the in-memory pool
+    t_images = time.time()
+    patch_size = model_sizes["patch_size"]
+    all_counts = dict(DEFAULT_COUNTS, **counts)
+    images, targets, cover, centre = vision_data(
+        seed, dict({split: all_counts[split] for split in TRAINING_SPLITS}, vision_more=sv["more_images"]),
+        image_size, patch_size)
+    held_out = {split: vision_data(eval_seed, {split: all_counts[split]}, image_size, patch_size)[:2]
+                for split in HELD_OUT_SPLITS}
+    preprocess = image_preprocessor(image_size)
+    print(f"stage 0: {len(images)} images ({time.time() - t_images:.0f} s)", flush=True)
+
     # stage 0: a fresh model; its vision side (ViT, ln_vision, Q-Former) pretrained as an image classifier
     train_set, s1_samples = first_entries(os.path.join(data, "train", "dataset.json"), s1["samples"], "stage1.json")
     lora_set = os.path.join(data, "lora_train", "dataset.json")
@@ -336,17 +343,20 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
     app.set_device(stage1["context"]["device_target"])   # GRAPH mode, as the finetune stages run
     model = init_model(load_config(stage1_yaml), seed)
     t_vision = time.time()
-    patch_size = model_sizes["patch_size"]
-    pixels, targets, cover, centre = vision_data(data, seed, TRAINING_SPLITS, image_size, patch_size)
-    easy_rows = len(os.listdir(os.path.join(data, "vision_easy", "images")))   # TRAINING_SPLITS starts with it
-    losses, classifier = pretrain_vision(model, pixels, targets, cover, centre, sv["steps"], sv["batch_size"],
+
+    def report(net):
+        print(f"stage 0 held-out accuracy {accuracy(net, *held_out['heldout'], preprocess=preprocess)}", flush=True)
+
+    losses, classifier = pretrain_vision(model, images, targets, cover, centre, sv["steps"], sv["batch_size"],
                                          sv["learning_rate"], sv["weight_decay"], seed, sv["warmup_steps"],
-                                         easy_rows=easy_rows, easy_steps=sv["easy_steps"])
-    vision_accuracy = {split: accuracy(classifier, *vision_data(data, eval_seed, (split,), image_size, patch_size)[:2])
+                                         easy_rows=all_counts["vision_easy"], easy_steps=sv["easy_steps"],
+                                         blend_steps=sv["blend_steps"], preprocess=preprocess, report=report,
+                                         report_steps=sv["report_steps"])
+    vision_accuracy = {split: accuracy(classifier, *held_out[split], preprocess=preprocess)
                        for split in HELD_OUT_SPLITS}
     vision_seconds = time.time() - t_vision
     save_model(model, init_path)
-    del pixels, cover, centre, classifier
+    del images, cover, centre, classifier
     print(f"stage 0: {sv['steps']} steps in {vision_seconds:.0f} s, loss {np.mean(losses[:50]):.3f} -> "
           f"{np.mean(losses[-50:]):.4f}, held-out accuracy {vision_accuracy}", flush=True)
 
@@ -449,7 +459,7 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="a few steps on a tiny data set (a test)")
     parser.add_argument("--skip_eval", action="store_true")
     parser.add_argument("--stage1_only", action="store_true", help="experiments: stage 1 and its evaluation only")
-    parser.add_argument("--minutes_budget", type=float, default=45.0,
+    parser.add_argument("--minutes_budget", type=float, default=75.0,
                         help="warn when the run takes longer (the step counts are fixed, never cut by time)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="experiments: stage1.learning_rate=1e-3, model.glm_layers=4, data.train=2000 ...")
