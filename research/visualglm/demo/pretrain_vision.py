@@ -102,7 +102,7 @@ def vision_arrays(seed, counts, size, grid, workers=None):
     return images, targets.astype(np.int32), cover.astype(np.int32), centre.astype(np.int32)
 
 
-def _classifier(model, seed, patch_head=True):
+def _classifier(model, seed):
     """The model's vision side (ViT, ln_vision, Q-Former with its query tokens; `VisualGLMModel.vision_tokens`
     and `read_queries`), a linear head on the mean of the query outputs and one on every patch token; the heads
     drawn with numpy from seed."""

@@ -232,21 +232,6 @@ def init_model(config, seed):
     return model
 
 
-def vision_data(seed, counts, image_size, patch_size):
-    """(images uint8 [N, S, S, 3], targets [N, 3], cover [N, patches], centre [N, patches]) of the first
-    counts[split] images of every split in that order, drawn in memory (the written PNGs' pixels), with the
-    scene's shape, colour and count as targets and the per-patch targets of pretrain_vision.patch_targets."""
-    from visualglm.demo.pretrain_vision import vision_arrays
-    return vision_arrays(seed, counts, image_size, image_size // patch_size)
-
-
-def image_preprocessor(image_size):
-    """A batch of uint8 images [N, S, S, 3] -> the model's input [N, 3, S, S], by the model's own processor."""
-    from visualglm.processing import VisualGLMImageProcessor
-    processor = VisualGLMImageProcessor(image_size)
-    return lambda images: processor(images).astype(np.float32)
-
-
 def save_model(model, path):
     """The model's parameters (no KV cache, no LoRA matrices) as a float32 whole-model checkpoint."""
     import mindspore as ms
@@ -297,8 +282,9 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
     from visualglm.configuration import load_config
     from visualglm.demo import evaluate as evaluation
     from visualglm.demo.generate_data import DEFAULT_COUNTS, chinese_words, corpus_lines, generate
-    from visualglm.demo.pretrain_vision import accuracy, pretrain_vision
+    from visualglm.demo.pretrain_vision import accuracy, pretrain_vision, vision_arrays
     from visualglm.demo.tokenizer import train_tokenizer
+    from visualglm.processing import VisualGLMImageProcessor
     from visualglm.tokenization import ChatGLMTokenizer
 
     t0 = time.time()
@@ -322,14 +308,14 @@ def train(out, seed=0, smoke=False, stage1=None, stage2=None, data_counts=None, 
     # stage 0's images, drawn in worker processes before MindSpore starts its threads (fork): the training
     # splits' images (vision_easy first, for the curriculum), then the in-memory pool
     t_images = time.time()
-    patch_size = model_sizes["patch_size"]
+    grid = image_size // model_sizes["patch_size"]
     all_counts = dict(DEFAULT_COUNTS, **counts)
-    images, targets, cover, centre = vision_data(
+    images, targets, cover, centre = vision_arrays(
         seed, dict({split: all_counts[split] for split in TRAINING_SPLITS}, vision_more=sv["more_images"]),
-        image_size, patch_size)
-    held_out = {split: vision_data(eval_seed, {split: all_counts[split]}, image_size, patch_size)[:2]
+        image_size, grid)
+    held_out = {split: vision_arrays(eval_seed, {split: all_counts[split]}, image_size, grid)[:2]
                 for split in HELD_OUT_SPLITS}
-    preprocess = image_preprocessor(image_size)
+    preprocess = VisualGLMImageProcessor(image_size)   # uint8 [N, S, S, 3] -> the model's input [N, 3, S, S]
     print(f"stage 0: {len(images)} images ({time.time() - t_images:.0f} s)", flush=True)
 
     # stage 0: a fresh model; its vision side (ViT, ln_vision, Q-Former) pretrained as an image classifier
