@@ -332,3 +332,26 @@ def test_stage0_curriculum_blends_from_easy_rows_to_all_rows():
         # the rest come from all rows: with 10,000 rows, the easy ten are drawn by chance only rarely
         assert (drawn[easy:] >= easy_rows).all(), (step, drawn)
     assert (batch_rows(rng, 0, batch, rows) < rows).all()   # no curriculum: all rows from the first step
+
+
+def test_stage0_symmetries_move_the_patch_targets_with_the_patches():
+    """dihedral: the eight symmetries of the square are distinct, 0 is the identity, and every patch's target
+    goes where the patch's pixels go (an image whose every patch is filled with its own id)."""
+    import numpy as np
+    from visualglm.demo.pretrain_vision import dihedral
+    grid, patch = 3, 4
+    ids = np.arange(grid * grid).reshape(grid, grid)
+    image = np.kron(ids, np.ones((patch, patch), np.int64))[..., None].repeat(3, -1).astype(np.uint8)
+    cover, centre = ids.reshape(1, -1), (100 + ids).reshape(1, -1)
+    seen = set()
+    for t in range(8):
+        turned, turned_cover, turned_centre = dihedral(image[None], cover, centre, [t])
+        blocks = turned[0, ..., 0].reshape(grid, patch, grid, patch)
+        assert (blocks == blocks[:, :1, :, :1]).all()          # still whole patches
+        assert (blocks[:, 0, :, 0].reshape(-1) == turned_cover[0]).all(), t
+        assert (turned_centre[0] == turned_cover[0] + 100).all(), t
+        seen.add(tuple(turned_cover[0]))
+    assert len(seen) == 8
+    assert (dihedral(image[None], cover, centre, [0])[1] == cover).all()
+    # one quarter turn counter-clockwise: the top-right patch comes to the top left
+    assert dihedral(image[None], cover, centre, [1])[1][0, 0] == grid - 1

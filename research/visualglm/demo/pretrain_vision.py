@@ -19,7 +19,9 @@ Trained alone, with direct signals, it learns them in minutes:
   (any background, size, style, rotation at once) a ViT this small learns colours but stays near chance on
   shapes for thousands of steps;
 - many distinct images: besides the training splits' images, a pool of wide scenes (the vision_more split)
-  drawn in memory, never written, so that the classifier does not learn the images by heart.
+  drawn in memory, never written, so that the classifier does not learn the images by heart; and every image
+  seen under a random one of the square's eight symmetries (rotations by quarter turns, mirror images), which
+  change no label (shapes come at any rotation) and move the patch targets with the patches.
 
 The heads are thrown away; stages 1 and 2 then train the rest with the project's finetune code, the ViT
 frozen. The classifier sees the images of the training splits only (never a held-out one), stars included:
@@ -144,6 +146,22 @@ def _classifier(model, seed):
     return VisionClassifier()
 
 
+def dihedral(images, cover, centre, transforms):
+    """Images [N, S, S, C] and their patch targets [N, grid * grid], the n-th under symmetry transforms[n] of
+    the square (0..7: transforms % 4 quarter turns, then a mirror image when >= 4). The grid divides the image
+    into equal blocks, so turning the image turns its grid of patches the same way."""
+    grid = int(round(cover.shape[1] ** 0.5))
+
+    def turn(array, t):
+        array = np.rot90(array, t % 4, axes=(0, 1))
+        return array[:, ::-1] if t >= 4 else array
+
+    images = np.stack([turn(image, t) for image, t in zip(images, transforms)])
+    cover, centre = (np.stack([turn(target.reshape(grid, grid), t).reshape(-1) for target, t in zip(targets, transforms)])
+                     for targets in (cover, centre))
+    return images, cover, centre
+
+
 def batch_rows(rng, step, batch_size, rows, easy_rows=0, easy_steps=0, blend_steps=0):
     """The rows of step `step`'s batch: the first `easy_steps` steps from the first `easy_rows` rows only (the
     vision_easy scenes); over the next `blend_steps` steps a share of easy rows falling linearly from all to
@@ -157,12 +175,13 @@ def batch_rows(rng, step, batch_size, rows, easy_rows=0, easy_steps=0, blend_ste
 
 def pretrain_vision(model, pixels, targets, cover, centre, steps, batch_size, learning_rate, weight_decay, seed,
                     warmup_steps=0, log_steps=250, easy_rows=0, easy_steps=0, blend_steps=0, preprocess=None,
-                    report=None, report_steps=0):
+                    report=None, report_steps=0, augment=False):
     """Train the model's vision side in place as the classifier above, on pixels [N, 3, S, S] (preprocessed by
     the model's image processor; or raw images with `preprocess`, which makes a batch of them the model's
     input), targets [N, 3] and the patch targets cover, centre [N, patches]: AdamW, a linear warmup and a cosine
     decay to a tenth (the finetune stages' AnnealingLR); batches as batch_rows draws them (the curriculum).
-    `report(net)` is called every `report_steps` steps (held-out accuracy on the way). Returns the losses of
+    `report(net)` is called every `report_steps` steps (held-out accuracy on the way). With `augment`, every
+    image of a batch under a random symmetry of the square (dihedral; raw images only). Returns the losses of
     every step and the classifier (for `accuracy`)."""
     import time
     import mindspore as ms
@@ -183,8 +202,12 @@ def pretrain_vision(model, pixels, targets, cover, centre, steps, batch_size, le
     losses, start = [], time.time()
     for i in range(steps):
         index = batch_rows(order, i, batch_size, len(pixels), easy_rows, easy_steps, blend_steps)
-        batch = preprocess(pixels[index]) if preprocess else pixels[index]
-        losses.append(float(step(*(ms.Tensor(a) for a in (batch, targets[index], cover[index], centre[index])))
+        batch, batch_cover, batch_centre = pixels[index], cover[index], centre[index]
+        if augment:
+            batch, batch_cover, batch_centre = dihedral(batch, batch_cover, batch_centre,
+                                                        order.integers(0, 8, len(index)))
+        batch = preprocess(batch) if preprocess else batch
+        losses.append(float(step(*(ms.Tensor(a) for a in (batch, targets[index], batch_cover, batch_centre)))
                             .asnumpy()))
         if (i + 1) % log_steps == 0 or i + 1 == steps:
             rate = (i + 1) * batch_size / (time.time() - start)
