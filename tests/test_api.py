@@ -11,8 +11,6 @@ import io
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import REPO, SCRIPTS, tokenizer_matched_config, write_tiny_yaml
+from servers import Server, script_env
 from visualglm import app, serving
 
 IMAGE = REPO / "examples" / "red_circle.png"
@@ -32,62 +31,9 @@ NEW_TOKENS = 8
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def tiny_yaml(folder, tokenizer, checkpoint, vocab_file):
     return write_tiny_yaml(folder / "tiny.yaml", app.DEFAULT_CONFIG, tokenizer_matched_config(tokenizer),
                            checkpoint, vocab_file)
-
-
-def script_env(folder):
-    env = dict(os.environ)
-    env["LOCAL_DEFAULT_PATH"] = str(folder / "mf_output")
-    env["GRADIO_ANALYTICS_ENABLED"] = "False"
-    env.pop("http_proxy", None)
-    env.pop("HTTP_PROXY", None)
-    return env
-
-
-class Server:
-    """A script serving on 127.0.0.1:port as a subprocess; stopped by its pid."""
-
-    def __init__(self, script, args, folder, name, ready_path="/health"):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ready_path = ready_path
-        self.log_path = folder / f"{name}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, str(script), *args, "--port", str(self.port)],
-                                     cwd=str(folder), env=script_env(folder), stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait(self, timeout=240):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + self.ready_path, timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except (OSError, urllib.error.URLError):
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.log_path.read_text()[-3000:]}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
 
 
 def post(url, body, raw=False, timeout=120):

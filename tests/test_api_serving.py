@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,72 +25,20 @@ import numpy as np
 import pytest
 
 from conftest import REPO, SCRIPTS, tokenizer_matched_config, write_tiny_yaml
+from servers import Server, free_port, script_env
 from visualglm import app
 
 DEMO_YAML = SCRIPTS / "run_visualglm_demo.yaml"
 LORA_YAML = SCRIPTS / "run_visualglm_demo_lora.yaml"
 LORA_CKPT = SCRIPTS / "demo" / "weights" / "visualglm_demo_lora.ckpt"
 STAR = REPO / "examples" / "demo_star.png"
+BLUE_SQUARE = REPO / "examples" / "demo_blue_square.png"
 QUERY = "描述这张图片。"
 NEW_TOKENS = 10     # the whole demo answer: the LoRA's differs from the base's at its 7th token
 BASE = "visualglm-6b"
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def script_env(folder):
-    env = dict(os.environ)
-    env["LOCAL_DEFAULT_PATH"] = str(folder / "mf_output")
-    env.pop("http_proxy", None)
-    env.pop("HTTP_PROXY", None)
-    return env
-
-
-class Server:
-    """api.py serving on 127.0.0.1:port as a subprocess (stdout and stderr in one log file)."""
-
-    def __init__(self, args, folder, name):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = folder / f"{name}.log"
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, str(SCRIPTS / "api.py"), *args, "--port", str(self.port)],
-                                     cwd=str(folder), env=script_env(folder), stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait(self, timeout=300):
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"server not ready after {timeout} s:\n{self.text()[-3000:]}")
-
-    def text(self):
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
-
-
 def post(url, body, timeout=120):
     """(status, JSON answer, headers) of a POST."""
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
@@ -193,7 +140,7 @@ def demo(tmp_path_factory):
         "base": subprocess.Popen([sys.executable, str(SCRIPTS / "run_visualglm.py"), "--config", str(DEMO_YAML),
                                   *common], cwd=str(folder), env=script_env(folder), stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)}
-    server = Server(["--config", str(LORA_YAML), "--lora", f"demo={LORA_CKPT}", "--max_batch", "2",
+    server = Server(SCRIPTS / "api.py", ["--config", str(LORA_YAML), "--lora", f"demo={LORA_CKPT}", "--max_batch", "2",
                      "--max_queue", "16"], folder, "demo")
     try:
         answers = {name: script_answer(proc) for name, proc in runs.items()}
@@ -203,6 +150,36 @@ def demo(tmp_path_factory):
         for proc in runs.values():
             if proc.poll() is None:
                 proc.kill()
+
+
+# ----------------------------------------------------------------------------------------------- chats
+@pytest.mark.parametrize("language", ["zh", "en"])
+def test_the_demo_model_chats_five_turns_in_both_schemas(demo, language):
+    """Five greedy turns about demo_blue_square.png with the base model, the history sent back each time: every
+    answer right in upstream's schema (image and history in every request) and in OpenAI's (the image in the
+    first message). English questions too get the Chinese template the demo model was trained on (its
+    english_template is false): with upstream's Q:/A: the fifth English turn loops."""
+    from test_cli_demo import FIRST_TURN, FIVE_TURNS
+    url = demo["server"].url
+    image = base64.b64encode(BLUE_SQUARE.read_bytes()).decode()
+    turns = [FIRST_TURN[language]] + FIVE_TURNS[language]
+    history = []
+    for question, expected in turns:
+        status, answer, headers = post(url + "/", {"image": image, "text": question, "history": history,
+                                                   "temperature": 0, "max_new_tokens": 64})
+        assert status == 200 and answer["result"] == expected, (question, answer)
+        assert answer["history_truncated"] == 0
+        history = answer["history"]
+    assert history == [[question, expected] for question, expected in turns]
+    messages = [{"role": "user", "content": [{"type": "text", "text": turns[0][0]},
+                                             {"type": "image_url", "image_url": {"url": "data:image/png;base64," + image}}]}]
+    for i, (question, expected) in enumerate(turns):
+        if i:
+            messages.append({"role": "user", "content": question})
+        status, answer, _ = post(url + "/v1/chat/completions", {"messages": messages, "temperature": 0,
+                                                                 "max_tokens": 64})
+        assert status == 200 and answer["choices"][0]["message"]["content"] == expected, (question, answer)
+        messages.append({"role": "assistant", "content": expected})
 
 
 # ----------------------------------------------------------------------------------------------- LoRA
@@ -492,7 +469,7 @@ def tiny_server(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file
     servers = []
 
     def start(*args):
-        servers.append(Server(["--config", config, "--seq_length", "1024", "--max_batch", "2", *args], tmp_path,
+        servers.append(Server(SCRIPTS / "api.py", ["--config", config, "--seq_length", "1024", "--max_batch", "2", *args], tmp_path,
                               f"tiny{len(servers)}"))
         return servers[-1]
 

@@ -77,9 +77,11 @@ def test_turns_that_no_longer_fit_are_dropped_with_a_notice_on_stderr(engine, ca
     assert "notice" not in "".join(out)
 
 
-# Five turns about examples/demo_blue_square.png: the CLI's own first question (描述这张图片。), then follow-ups
-# that name no shape and small talk, in Chinese or in English (the demo model's template is the Chinese one in
-# both cases, as in training), with the answers the shipped model must give.
+# Five turns about examples/demo_blue_square.png: a description (the CLI's own first question, 描述这张图片。, or
+# FIRST_TURN), then follow-ups that name no shape and small talk, in Chinese or in English (the demo model's
+# template is the Chinese one in both cases, as in training: english_template false), with the answers the
+# shipped model must give.
+FIRST_TURN = {"zh": ("描述这张图片。", "图中有一个蓝色的正方形。"), "en": ("Describe the image.", "There is one blue square.")}
 FIVE_TURNS = {
     "zh": [("它是什么颜色？", "蓝色。"), ("有几个？", "图中有一个正方形。"), ("它是什么形状？", "正方形。"),
            ("你能做什么？", "我可以描述图片，说出图中物体的形状、颜色和数量。")],

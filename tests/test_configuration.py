@@ -6,6 +6,7 @@ import pytest
 
 from conftest import FIXTURE, SCRIPTS
 from visualglm.configuration import VisualGLMConfig, load_config
+from visualglm.errors import UserError
 
 FULL_YAML = SCRIPTS / "run_visualglm_6b_image_to_text_generation.yaml"
 
@@ -118,7 +119,6 @@ def test_load_config_from_yaml_with_overrides():
 
 
 def test_placeholder_checkpoints_name_each_missing_file():
-    from visualglm.errors import UserError
     from visualglm.modeling import configured_checkpoints
     with pytest.raises(UserError) as err:
         configured_checkpoints(load_config(str(FULL_YAML)))
@@ -134,3 +134,6 @@ def test_bad_values_are_refused():
         to_ms_dtype("float8")
     with pytest.raises(ValueError, match="encoder_width"):
         VisualGLMConfig(qformer_config=dict(encoder_width=1024))
+    with pytest.raises(UserError, match="english_template must be true or false, got 'no'"):
+        VisualGLMConfig(english_template="no")
+    assert VisualGLMConfig().english_template is True   # upstream: English questions get Q:/A:

@@ -279,6 +279,25 @@ def test_placeholder_and_from_config(chatglm_tokenizer):
     assert len(out["input_ids"]) == len(processor_ids_without_slots(chatglm_tokenizer)) + 4
 
 
+def test_a_model_that_knows_the_chinese_template_only_gets_it_in_english_mode_too(chatglm_tokenizer):
+    """english_template=False (VisualGLMConfig.english_template, the demo model): english=True builds the ids of
+    the Chinese template 问：…\n答： and cuts the answer after its last 答： (not after an A: of the prompt);
+    the default keeps upstream's Q:/A:."""
+    from visualglm.configuration import VisualGLMConfig
+    history = [("What is it?", "A cat.")]
+    chinese_only = VisualGLMProcessor.from_config(
+        VisualGLMConfig.from_sat_config(str(FIXTURE / "checkpoint"), english_template=False), chatglm_tokenizer)
+    assert chinese_only.english_template is False
+    upstream = VisualGLMProcessor(chatglm_tokenizer, image_length=32)
+    english_ids, start = chinese_only.build_input_ids("What color is it?", history, english=True)
+    assert (english_ids, start) == upstream.build_input_ids("What color is it?", history, english=False)
+    assert chatglm_tokenizer.decode(english_ids).endswith("问：What is it?\n答：A cat.\n问：What color is it?\n答：")
+    assert upstream.build_input_ids("What color is it?", history, english=True) != (english_ids, start)
+    answer_ids = chatglm_tokenizer.encode("A: B. It is grey.", add_special_tokens=False)
+    assert chinese_only.decode_response(english_ids + answer_ids, english=True) == "A: B. It is grey."
+    assert upstream.decode_response(english_ids + answer_ids, english=True) == "B. It is grey."
+
+
 def processor_ids_without_slots(tok):
     pre, post = build_prompt("q")
     return tok.encode(pre, add_special_tokens=False) + tok.encode(post)

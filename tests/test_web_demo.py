@@ -16,7 +16,8 @@ import time
 import pytest
 
 from conftest import REPO, SCRIPTS
-from test_api import LONG_HISTORY, Server, assert_fits, tiny_yaml
+from servers import Server
+from test_api import LONG_HISTORY, assert_fits, tiny_yaml
 from visualglm import serving, web_demo
 from visualglm.chat import VisualGLMChat
 from visualglm.processing import load_image
@@ -142,6 +143,26 @@ def test_turns_that_no_longer_fit_are_dropped_with_a_notice_in_the_status_line(e
         notice = serving.truncation_notice(1, 128)
         assert statuses == ["", ""] + [notice] * 4
         assert session.reset()[3] == ""
+    finally:
+        batcher.shutdown(cancel=True, timeout=30)
+
+
+@pytest.mark.parametrize("language", ["zh", "en"])
+def test_the_demo_model_chats_five_turns_in_the_web_demo(language):
+    """web_demo.py's defaults (the shipped demo model), one session, greedy: five turns about
+    demo_blue_square.png, every answer right and nothing dropped. English questions get the Chinese template
+    the demo model was trained on (english_template false)."""
+    from test_cli_demo import FIRST_TURN, FIVE_TURNS
+    args = web_demo.parse_args(["--temperature", "0"])
+    engine, batcher = serving.build_batching(args)
+    demo = web_demo.Demo(engine, serving.generation_defaults(args), batcher)
+    image = load_image(str(REPO / "examples" / "demo_blue_square.png"))
+    session, turns = web_demo.Session(), [FIRST_TURN[language]] + FIVE_TURNS[language]
+    try:
+        for question, expected in turns:
+            chat, history, _, status = list(demo.ask(session, question, image, args.max_length, args.top_p, 0))[-1]
+            assert chat[-1] == {"role": "assistant", "content": expected} and status == "", (question, chat[-1])
+        assert history == turns
     finally:
         batcher.shutdown(cancel=True, timeout=30)
 

@@ -5,7 +5,8 @@
 * POST /  (upstream api.py): {"image": "<base64>", "text": "...", "history": [[q, a], ...]} plus optional
   max_length, top_p, top_k, temperature (and do_sample, max_new_tokens, repetition_penalty, seed) ->
   {"result": answer, "history": [...], "history_truncated": N, "status": 200, "time": "YYYY-MM-DD HH:MM:SS"}.
-  The language follows the text (english = no CJK character in it). "image" may be omitted for text only.
+  The language follows the text (english = no CJK character in it): English text gets the Q:/A: template
+  unless the model config says english_template: false (the demo model). "image" may be omitted for text only.
 * POST /v1/chat/completions (OpenAI): messages with text and image_url parts (data:image/...;base64 URLs;
   remote URLs only with --allow_remote_images), stream (server-sent events), max_tokens, temperature
   (0 = greedy), top_p, seed. One image per conversation. System messages are ignored.

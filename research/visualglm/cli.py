@@ -112,7 +112,8 @@ def add_generation_args(parser):
                             "it to decode an exact number of tokens)")
     group.add_argument("--seed", type=int, default=None, help="sampling seed (default: the yaml's seed)")
     group.add_argument("--english", type=optional_bool, nargs="?", const=True, default=False,
-                       help="English prompt template (Q:/A:) and, with the real vocabulary, no CJK tokens")
+                       help="English prompt template (Q:/A:; the Chinese one when the config has "
+                            "english_template: false) and, with the real vocabulary, no CJK tokens")
     return group
 
 

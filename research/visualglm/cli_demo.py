@@ -33,7 +33,8 @@ def parse_args(argv=None):
     serving.add_chat_args(parser)
     group = parser.add_argument_group("chat")
     group.add_argument("--english", type=optional_bool, nargs="?", const=True, default=False,
-                       help="English prompts and template (and, with the real vocabulary, no CJK tokens)")
+                       help="English prompts and template (the Chinese one when the config has english_template: "
+                            "false; and, with the real vocabulary, no CJK tokens)")
     group.add_argument("--prompt_zh", default=serving.PROMPT_ZH, help="first question about an image (Chinese)")
     group.add_argument("--prompt_en", default=serving.PROMPT_EN, help="first question about an image (English)")
     group.add_argument("--stream", type=optional_bool, nargs="?", const=True, default=True,

@@ -12,6 +12,7 @@ import mindspore as ms
 from mindformers.models.configuration_utils import PretrainedConfig
 from mindformers.tools.register import MindFormerModuleType, MindFormerRegister
 
+from visualglm.errors import UserError
 from visualglm.quantization import check_bits
 
 _DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16}
@@ -180,14 +181,17 @@ class VisualGLMConfig(PretrainedConfig):
     `compute_dtype`, `layernorm_compute_type` and `softmax_compute_type` are pushed down into every part
     (MindFormers semantics): float32 on CPU, float16 matmuls with float32 LayerNorm/softmax on Ascend.
     `quantization_bit` (0, 8 or 4; None leaves text_config's, default 0) quantizes the GLM's layer Linears, as
-    THUDM's `model.quantize(bits)` does; the ViT, Q-Former, embeddings and lm_head stay as they are."""
+    THUDM's `model.quantize(bits)` does; the ViT, Q-Former, embeddings and lm_head stay as they are.
+    `english_template`: English questions get upstream's English template `Q:…\nA:` (True, the default: the
+    real model knows both); False for a model trained on the Chinese template `问：…\n答：` only (the demo
+    model), which then gets that template for questions in any language."""
     model_type = "visualglm"
 
     def __init__(self, vision_config=None, qformer_config=None, text_config=None, batch_size=1,
                  freeze_vision=True, freeze_text=True, max_txt_len=32, checkpoint_name_or_path=None,
                  dtype="float32", compute_dtype="float16", layernorm_compute_type="float32",
                  softmax_compute_type="float32", ln_vision_eps=1e-5, image_placeholder_id=None,
-                 freeze_qformer=False, quantization_bit=None, **kwargs):
+                 freeze_qformer=False, quantization_bit=None, english_template=True, **kwargs):
         # Keys the MindFormers yaml carried but VisualGLMConfig never used (spec §2.2, §19.12).
         kwargs.pop("layernorm_dtype", None)
         kwargs.pop("softmax_dtype", None)
@@ -207,6 +211,9 @@ class VisualGLMConfig(PretrainedConfig):
         self.ln_vision_eps = ln_vision_eps
         self.image_placeholder_id = self.text_config.pad_token_id if image_placeholder_id is None \
             else image_placeholder_id
+        if not isinstance(english_template, bool):
+            raise UserError(f"english_template must be true or false, got {english_template!r}")
+        self.english_template = english_template
         for part in (self.vision_config, self.qformer_config, self.text_config):
             part.compute_dtype = compute_dtype
             part.layernorm_compute_type = layernorm_compute_type

@@ -202,9 +202,13 @@ class VisualGLMProcessor:
         image_processor: a VisualGLMImageProcessor (needed only for queries with an image).
         image_length: number of image slots (= Q-Former queries, 32).
         placeholder_id: the id filling the slots; default the tokenizer's pad id (THUDM).
+        english_template: `english=True` means upstream's English template `Q:…\nA:` (True, default); False for a
+            model that knows the Chinese template only (VisualGLMConfig.english_template), whose prompts and
+            answers then use `问：…\n答：` whatever the language.
     """
 
-    def __init__(self, tokenizer, image_processor=None, image_length=32, placeholder_id=None, **kwargs):
+    def __init__(self, tokenizer, image_processor=None, image_length=32, placeholder_id=None, english_template=True,
+                 **kwargs):
         kwargs.pop("type", None)
         if kwargs:
             raise TypeError(f"VisualGLMProcessor got unexpected arguments {sorted(kwargs)}")
@@ -216,16 +220,19 @@ class VisualGLMProcessor:
         self.image_processor = image_processor
         self.image_length = int(image_length)
         self.placeholder_id = tokenizer.pad_token_id if placeholder_id is None else int(placeholder_id)
+        self.english_template = bool(english_template)
 
     @classmethod
     def from_config(cls, config, tokenizer, image_processor=None):
-        """From a VisualGLMConfig: its image_length, image_placeholder_id and vision image_size."""
+        """From a VisualGLMConfig: its image_length, image_placeholder_id, english_template and vision
+        image_size."""
         if image_processor is None:
             image_processor = VisualGLMImageProcessor.from_config(config)
         placeholder = getattr(config, "image_placeholder_id", None)
         if placeholder is None:
             placeholder = config.text_config.pad_token_id
-        return cls(tokenizer, image_processor, image_length=config.image_length, placeholder_id=placeholder)
+        return cls(tokenizer, image_processor, image_length=config.image_length, placeholder_id=placeholder,
+                   english_template=getattr(config, "english_template", True))
 
     def _encode(self, text):
         if not text:
@@ -234,7 +241,7 @@ class VisualGLMProcessor:
 
     def build_input_ids(self, query, history=(), english=False, with_image=True):
         """`(input_ids, image_start)`; image_start is None for a text-only prompt."""
-        pre, post = build_prompt(query, history, english=english, with_image=with_image)
+        pre, post = build_prompt(query, history, english=english and self.english_template, with_image=with_image)
         pre_ids, post_ids = self._encode(pre), self._encode(post)
         if with_image:
             ids = pre_ids + [self.placeholder_id] * self.image_length + post_ids
@@ -264,7 +271,7 @@ class VisualGLMProcessor:
     def decode_response(self, output_ids, english=False):
         """Decode a generated sequence (prompt included, as MindFormers returns it) and clean it with
         `process_response`."""
-        return process_response(self.tokenizer.decode(output_ids), english=english)
+        return process_response(self.tokenizer.decode(output_ids), english=english and self.english_template)
 
     def __repr__(self):
         return (f"VisualGLMProcessor(tokenizer={type(self.tokenizer).__name__}, image_processor="

@@ -73,11 +73,11 @@ SMOKE = {"data": {"train": 4, "heldout": 2, "lora_train": 2, "lora_heldout": 2, 
 def model_section(vocab, checkpoint, use_past, seq_length, batch_size=1, sizes=None):
     """The yaml's model.model_config for the demo sizes and the tokenizer's special ids (the ViT and the
     Q-Former frozen as stage 0 trained them: stage 1 trained on base scenes only would otherwise blur the
-    star the queries learned to see, which the LoRA stage needs)."""
+    star the queries learned to see, which the LoRA stage needs; the Chinese template only, as in the data)."""
     m = dict(MODEL, **(sizes or {}))
     return {
         "type": "VisualGLMConfig", "batch_size": batch_size, "freeze_vision": True, "freeze_qformer": True,
-        "freeze_text": False,
+        "freeze_text": False, "english_template": False,
         "max_txt_len": 32, "checkpoint_name_or_path": checkpoint, "dtype": "float32", "compute_dtype": "float32",
         "layernorm_compute_type": "float32", "softmax_compute_type": "float32", "ln_vision_eps": 1.0e-5,
         "vision_config": {"type": "ViTConfig", "image_size": m["image_size"], "patch_size": m["patch_size"],
@@ -407,8 +407,8 @@ YAML_HEADER = """# The embedded demo model: VisualGLM's exact architecture at a 
 # research/visualglm/demo/weights/. Runs on any CPU in seconds:
 #   python research/visualglm/{script} --config research/visualglm/{name}{lora} \\
 #       --image_path examples/{image} --prompt "描述这张图片。"
-# Ask about shapes (circle, square, triangle{star}), their colours and counts, in Chinese or English (no --english:
-# like in training, every question uses the Chinese template 问：…\\n答：).
+# Ask about shapes (circle, square, triangle{star}), their colours and counts, in Chinese or English. Like in
+# training, every question uses the Chinese template 问：…\\n答： (english_template: false), with --english too.
 """
 
 
@@ -416,10 +416,18 @@ def ship(out, summary):
     """Copy the weights, tokenizer and evaluation of a run into research/visualglm/demo/weights/, write the
     two demo yamls next to the run scripts (paths relative to the repository root) and the example images
     into examples/."""
-    from visualglm.tokenization import ChatGLMTokenizer
     os.makedirs(SHIP_DIR, exist_ok=True)
     for name in SHIPPED_FILES:
         copy_atomic(os.path.join(out, name), os.path.join(SHIP_DIR, name))
+    write_demo_yamls(summary)
+    from visualglm.demo.generate_data import write_examples
+    examples = write_examples(os.path.join(REPO_ROOT, "examples"))
+    print(f"shipped to {SHIP_DIR}, {DEMO_YAML}, {DEMO_LORA_YAML}, {', '.join(examples)}")
+
+
+def write_demo_yamls(summary):
+    """The two demo yamls of the shipped weights (the run's summary: its sizes, seed and stage-2 settings)."""
+    from visualglm.tokenization import ChatGLMTokenizer
     rel = os.path.relpath(SHIP_DIR, REPO_ROOT).replace(os.sep, "/")
     vocab = ChatGLMTokenizer(os.path.join(SHIP_DIR, "demo_tokenizer.model"))
     sizes = summary["model"]
@@ -433,9 +441,6 @@ def ship(out, summary):
                YAML_HEADER.format(script="run_visualglm_with_lora.py", name=os.path.basename(DEMO_LORA_YAML),
                                   lora=f" \\\n#       --lora_checkpoint {rel}/visualglm_demo_lora.ckpt", star=", star",
                                   image="demo_star.png", **common))
-    from visualglm.demo.generate_data import write_examples
-    examples = write_examples(os.path.join(REPO_ROOT, "examples"))
-    print(f"shipped to {SHIP_DIR}, {DEMO_YAML}, {DEMO_LORA_YAML}, {', '.join(examples)}")
 
 
 def main(argv=None):
