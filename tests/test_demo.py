@@ -238,6 +238,22 @@ def test_shipped_tokenizer_has_the_chatglm_pieces_and_round_trips_the_demo_text(
         assert tokenizer.decode(encoded) == line
 
 
+def test_tokenizer_training_is_reproducible_to_the_byte(tmp_path):
+    """The same lines give the same .model file, bytes and all (nothing of the run, such as a temporary corpus
+    path, is recorded in it), with the shipped tokenizer's ChatGLM pieces at their ids."""
+    from sentencepiece import sentencepiece_model_pb2
+    from visualglm.demo.tokenizer import train_tokenizer
+    lines = generate_data.corpus_lines(0, {split: 20 for split in generate_data.DEFAULT_COUNTS})
+    first, second = (Path(train_tokenizer(lines, str(tmp_path / f"{name}.model"), generate_data.chinese_words(), 1000))
+                     for name in ("first", "second"))
+    assert first.read_bytes() == second.read_bytes()
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(first.read_bytes())
+    assert list(proto.trainer_spec.input) == [] and str(tmp_path) not in first.read_bytes().decode("latin-1")
+    pieces = [p.piece for p in proto.pieces]
+    assert pieces[:4] == ["<unk>", "<s>", "</s>", "<pad>"] and {"[gMASK]", "<sop>", "<eop>", "<n>"} <= set(pieces)
+
+
 def test_stage0_trains_the_vision_side_only_and_keeps_the_parameter_names():
     """pretrain_vision reads the model through VisualGLMModel.query_outputs: a few steps change every
     parameter of the ViT, ln_vision, the Q-Former and the query tokens, and leave llm_proj and the GLM

@@ -6,9 +6,8 @@ the prompt template. It is loaded through the same `visualglm.tokenization.ChatG
     python research/visualglm/demo/tokenizer.py --out demo/weights/demo_tokenizer.model --seed 0
 """
 import argparse
+import io
 import os
-import shutil
-import tempfile
 
 from visualglm.fileio import atomic_write
 
@@ -38,28 +37,24 @@ def _segment(line, words):
 
 def train_tokenizer(lines, out_path, words=(), vocab_size=640, seed=1234):
     """Train the SentencePiece model on `lines` (plus the template) and write it to out_path; `words` are the
-    Chinese words no piece may cross (besides ZH_WORDS). Deterministic for the same lines (single thread,
-    fixed seed, no sampling)."""
+    Chinese words no piece may cross (besides ZH_WORDS). Deterministic, to the byte, for the same lines (single
+    thread, fixed seed, no sampling)."""
     import sentencepiece as spm
     spm.set_random_generator_seed(seed)
     words = tuple(words) + ZH_WORDS
     corpus = list(TEMPLATE_LINES) + [_segment(line.replace("\n", "<n>"), words) for line in lines]
-    with tempfile.TemporaryDirectory() as tmp:
-        text = os.path.join(tmp, "corpus.txt")
-        with open(text, "w", encoding="utf-8") as f:
-            f.write("\n".join(corpus) + "\n")
-        prefix = os.path.join(tmp, "sp")
-        with open(os.devnull, "w") as sink:
-            spm.SentencePieceTrainer.train(
-                input=text, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
-                hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True,
-                unk_id=0, bos_id=1, eos_id=2, pad_id=3, pad_piece="<pad>",
-                user_defined_symbols=USER_SYMBOLS, control_symbols=CONTROL_SYMBOLS,
-                normalization_rule_name="identity", remove_extra_whitespaces=False,
-                split_digits=True, pretokenization_delimiter=DELIMITER, num_threads=1, input_sentence_size=0, shuffle_input_sentence=False,
-                minloglevel=2, logstream=sink)
-        with atomic_write(out_path) as tmp:
-            shutil.copyfile(prefix + ".model", tmp)
+    model = io.BytesIO()   # from memory to memory: no temporary path ends up in the model's trainer spec
+    with open(os.devnull, "w") as sink:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True,
+            unk_id=0, bos_id=1, eos_id=2, pad_id=3, pad_piece="<pad>",
+            user_defined_symbols=USER_SYMBOLS, control_symbols=CONTROL_SYMBOLS,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+            pretokenization_delimiter=DELIMITER, num_threads=1, input_sentence_size=0, shuffle_input_sentence=False,
+            minloglevel=2, logstream=sink)
+    with atomic_write(out_path) as tmp, open(tmp, "wb") as f:
+        f.write(model.getvalue())
     return out_path
 
 
