@@ -451,7 +451,7 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="a few steps on a tiny data set (a test)")
     parser.add_argument("--skip_eval", action="store_true")
     parser.add_argument("--stage1_only", action="store_true", help="experiments: stage 1 and its evaluation only")
-    parser.add_argument("--minutes_budget", type=float, default=90.0,
+    parser.add_argument("--minutes_budget", type=float, default=100.0,
                         help="warn when the run takes longer (the step counts are fixed, never cut by time)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="experiments: stage1.learning_rate=1e-3, model.glm_layers=4, data.train=2000 ...")
