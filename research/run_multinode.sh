@@ -76,8 +76,11 @@ export PATH
 launcher_log="$log_dir/msrun_node_$node_rank.log"
 
 # After a lost node msrun on node 0 waits for its scheduler, which lingers about MS_NODE_TIMEOUT seconds more
-# in its own finalize once the workers are gone: stop it then, so that the job ends within seconds of the
-# loss being detected. Processes are found by their MS_ROLE among this script's descendants.
+# in its own finalize once the workers are gone, and a worker of this node told of the loss may hang in its
+# own finalize as well: once the scheduler has logged the loss and this node's workers had WORKER_GRACE seconds
+# to end on their own, stop what is left of them and the scheduler, so that the job ends within seconds of
+# the loss being detected. Processes are found by their MS_ROLE among this script's descendants.
+WORKER_GRACE=10
 descendants_with_role() {
     local pid
     for pid in $(ps -e -o pid=,ppid= | awk -v root=$$ '{parent[$1] = $2}
@@ -92,14 +95,17 @@ stop_lingering_scheduler() {
         [ -f "$sched_log" ] && [ "$(stat -c %Y "$sched_log")" -ge "$started" ] || continue   # not a stale log
         grep -q "is timed out" "$sched_log" || continue
         [ "$lost_at" -eq 0 ] && lost_at=$SECONDS
-        # this node's workers stop on their own once told of the loss; give them up to 20 s
-        [ -n "$(descendants_with_role MS_WORKER)" ] && [ $((SECONDS - lost_at)) -lt 20 ] && continue
-        local scheduler
-        scheduler=$(descendants_with_role MS_SCHED)
-        [ -z "$scheduler" ] && return 0
-        kill -TERM $scheduler 2>/dev/null
-        for _ in 1 2 3 4 5; do sleep 1; kill -0 $scheduler 2>/dev/null || return 0; done
-        kill -KILL $scheduler 2>/dev/null
+        [ -n "$(descendants_with_role MS_WORKER)" ] && [ $((SECONDS - lost_at)) -lt $WORKER_GRACE ] && continue
+        local left pid
+        left="$(descendants_with_role MS_WORKER) $(descendants_with_role MS_SCHED)"
+        [ -z "${left// /}" ] && return 0
+        kill -TERM $left 2>/dev/null
+        for _ in 1 2 3 4 5; do
+            sleep 1
+            left=$(for pid in $left; do kill -0 "$pid" 2>/dev/null && echo "$pid"; done)
+            [ -z "$left" ] && return 0
+        done
+        kill -KILL $left 2>/dev/null
         return 0
     done
 }
