@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from conftest import REPO, SCRIPTS, tokenizer_matched_config
+from servers import script_env
 from visualglm import app
 from visualglm.chat import VisualGLMChat
 from visualglm.cli import run_main
@@ -61,12 +62,6 @@ def write_tiny_yaml(path, tokenizer, checkpoint, vocab_file, **model_overrides):
                               tokenizer=dict(type="ChatGLMTokenizer", vocab_file=str(vocab_file))))
     path.write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False), encoding="utf-8")
     return str(path)
-
-
-def script_env(tmp):
-    env = dict(os.environ)
-    env["LOCAL_DEFAULT_PATH"] = str(tmp / "mf_output")   # mindformers' log folder, out of the repo
-    return env
 
 
 def run_script(script, args, cwd, env):
