@@ -201,6 +201,26 @@ def test_fit_drops_the_oldest_turns_until_the_answer_has_room(chat_processor):
         serving.fit(engine, "图中有几个三角形？" * 40, LONG_HISTORY, False, True, dict(max_length=128, max_new_tokens=8))
 
 
+def test_fit_tokenizes_a_long_history_a_logarithmic_number_of_times(chat_processor):
+    """300 turns of 45 tokens: fit keeps the newest 8 (8 * 45 + 55 = 415 tokens leave 97 >= 512 / 8 for the
+    answer; 9 would leave 52) after tokenizing at most 10 prompts (a binary search over how many to drop), not
+    300."""
+    from types import SimpleNamespace
+    history = [(f"第{i + 1:03d}个问题：图中有几个圆形，它们是什么颜色的", "图中有一个红色的圆形。") for i in range(300)]
+    calls = []
+
+    class CountingProcessor:
+        def build_input_ids(self, *args, **kwargs):
+            calls.append(len(kwargs["history"]))
+            return chat_processor.build_input_ids(*args, **kwargs)
+
+    fitted = serving.fit(SimpleNamespace(processor=CountingProcessor()), FOLLOW_UP, history, False, True,
+                         dict(max_length=512, max_new_tokens=None))
+    assert (fitted.dropped, len(fitted.history), fitted.prompt_tokens) == (292, 8, 415)
+    assert_fits(chat_processor, FOLLOW_UP, history, fitted.history, 512, 64)
+    assert len(calls) <= 10 and len(set(calls)) == len(calls)
+
+
 def post_headers(url, body):
     """(status, decoded JSON answer, headers) of a POST that succeeds."""
     request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})

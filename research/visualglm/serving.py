@@ -232,30 +232,41 @@ class Fitted(NamedTuple):
 
 
 def fit(engine, query, history, english, with_image, kwargs):
-    """Fit the prompt into max_length: drop the oldest history turns while the prompt leaves less room than
-    the answer's (ANSWER_ROOM_SHARE of max_length, or max_new_tokens when smaller), then cap max_new_tokens at
-    the room left (an upper bound, as OpenAI's max_tokens). SequenceTooLongError when the question alone
+    """Fit the prompt into max_length: drop the fewest oldest history turns that leave the answer its room
+    (ANSWER_ROOM_SHARE of max_length, or max_new_tokens when smaller), or all of them, then cap max_new_tokens
+    at the room left (an upper bound, as OpenAI's max_tokens). SequenceTooLongError when the question alone
     leaves no room. Returns a Fitted."""
     from visualglm.generation import SequenceTooLongError
     max_length, history = kwargs["max_length"], list(history or ())
     wanted = max(1, math.ceil(max_length * ANSWER_ROOM_SHARE))
     if kwargs["max_new_tokens"] is not None:
         wanted = min(wanted, kwargs["max_new_tokens"])
-    dropped = 0
-    while True:
-        ids, _ = engine.processor.build_input_ids(query, history=history[dropped:], english=english,
-                                                  with_image=with_image)
-        room = max_length - len(ids)
-        if room >= wanted or dropped == len(history):
-            break
-        dropped += 1
+    lengths = {}
+
+    def prompt_length(dropped):
+        if dropped not in lengths:
+            ids, _ = engine.processor.build_input_ids(query, history=history[dropped:], english=english,
+                                                      with_image=with_image)
+            lengths[dropped] = len(ids)
+        return lengths[dropped]
+
+    # the room grows as turns are dropped: a binary search tokenizes log2(turns) prompts, not one per turn
+    low, high = 0, len(history)
+    while low < high:
+        middle = (low + high) // 2
+        if max_length - prompt_length(middle) >= wanted:
+            high = middle
+        else:
+            low = middle + 1
+    dropped, length = low, prompt_length(low)
+    room = max_length - length
     if room < 1:
-        raise SequenceTooLongError(f"the question has {len(ids)} tokens and leaves no room to answer within "
+        raise SequenceTooLongError(f"the question has {length} tokens and leaves no room to answer within "
                                    f"{max_length} tokens: shorten it")
     kwargs = dict(kwargs)
     if kwargs["max_new_tokens"] is not None:
         kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], room)
-    return Fitted(kwargs, history[dropped:], len(ids), min(room, kwargs["max_new_tokens"] or room), dropped)
+    return Fitted(kwargs, history[dropped:], length, min(room, kwargs["max_new_tokens"] or room), dropped)
 
 
 def truncation_notice(dropped, max_length):
