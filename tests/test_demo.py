@@ -202,6 +202,33 @@ def test_training_script_smoke(tmp_path):
     assert "| colour |" in table and "new concept" in table.lower()
 
 
+def test_finetune_lengths_hold_every_sample_and_no_less_would(tmp_path):
+    """lengths_for on generated chats and questions: SampleBuilder keeps every sample whole at the lengths it
+    gives (no truncation warning), and one LENGTH_MULTIPLE less source or target would cut the longest."""
+    import warnings
+    from visualglm.dataset import SampleBuilder
+    from visualglm.processing import VisualGLMProcessor
+    from visualglm.tokenization import ChatGLMTokenizer
+    generate_data.generate(str(tmp_path), seed=5, counts={"train": 12}, splits=("train",))
+    dataset = tmp_path / "train" / "dataset.json"
+    vocab = ChatGLMTokenizer(str(WEIGHTS / "demo_tokenizer.model"))
+    query_length = train_demo.MODEL["query_length"]
+    source, target = train_demo.lengths_for(vocab, [str(dataset)], query_length)
+    assert source % train_demo.LENGTH_MULTIPLE == 0 and target % train_demo.LENGTH_MULTIPLE == 0
+    processor = VisualGLMProcessor(vocab, image_length=query_length)
+    entries = json.loads(dataset.read_text(encoding="utf-8"))
+    builder = SampleBuilder(processor, None, 10 ** 4, 10 ** 4)
+    laid_out = [builder.token_ids(e["prompt"], e["label"]) for e in entries]
+    longest_source = max(context for _, context, _ in laid_out)
+    longest_target = max(len(ids) - context for ids, context, _ in laid_out)
+    assert source - train_demo.LENGTH_MULTIPLE < longest_source <= source
+    assert target - train_demo.LENGTH_MULTIPLE < longest_target <= target
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a truncated prompt or label warns
+        exact = SampleBuilder(processor, None, source, target)
+        assert [exact.token_ids(e["prompt"], e["label"]) for e in entries] == laid_out
+
+
 @pytest.mark.slow
 def test_training_reproduces_the_shipped_figures(tmp_path):
     """The full recipe from its seed (about 90 minutes): every shipped accuracy within 2 points."""
