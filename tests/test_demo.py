@@ -231,7 +231,7 @@ def test_finetune_lengths_hold_every_sample_and_no_less_would(tmp_path):
 
 @pytest.mark.slow
 def test_training_reproduces_the_shipped_figures(tmp_path):
-    """The full recipe from its seed (about 85 minutes): every shipped accuracy within 2 points."""
+    """The full recipe from its seed (about 90 minutes): every shipped accuracy within 2 points."""
     summary = train_demo.train(str(tmp_path / "demo"), seed=0)
     shipped = json.loads((WEIGHTS / "eval.json").read_text(encoding="utf-8"))["evaluation"]
     for model in ("base", "lora"):

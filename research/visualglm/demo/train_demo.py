@@ -50,7 +50,7 @@ HELD_OUT_SPLITS = ("heldout", "lora_heldout")                 # drawn from evalu
 # more_images: the in-memory pool of wide scenes (generate_data's vision_more) besides the training splits' images;
 # augment: every image under a random symmetry of the square (pretrain_vision.dihedral).
 VISION = {"steps": 28000, "easy_steps": 1500, "blend_steps": 4000, "batch_size": 32, "learning_rate": 4e-4,
-          "warmup_steps": 200, "weight_decay": 0.01, "more_images": 100000, "report_steps": 2500, "augment": True}
+          "warmup_steps": 200, "weight_decay": 0.01, "more_images": 40000, "report_steps": 2500, "augment": True}
 STAGE1 = {"epochs": 1, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 100, "weight_decay": 0.01,
           "max_grad_norm": 1.0, "samples": 40000}   # the first `samples` questions of train/ (a fixed shuffle)
 STAGE2 = {"epochs": 1, "batch_size": 16, "learning_rate": 2e-3, "warmup_steps": 30, "weight_decay": 0.0,
