@@ -6,6 +6,8 @@ fetching with size limits.
 import argparse
 import base64
 import binascii
+import bisect
+import functools
 import http.client
 import io
 import ipaddress
@@ -241,24 +243,17 @@ def fit(engine, query, history, english, with_image, kwargs):
     wanted = max(1, math.ceil(max_length * ANSWER_ROOM_SHARE))
     if kwargs["max_new_tokens"] is not None:
         wanted = min(wanted, kwargs["max_new_tokens"])
-    lengths = {}
 
+    @functools.cache
     def prompt_length(dropped):
-        if dropped not in lengths:
-            ids, _ = engine.processor.build_input_ids(query, history=history[dropped:], english=english,
-                                                      with_image=with_image)
-            lengths[dropped] = len(ids)
-        return lengths[dropped]
+        ids, _ = engine.processor.build_input_ids(query, history=history[dropped:], english=english,
+                                                  with_image=with_image)
+        return len(ids)
 
     # the room grows as turns are dropped: a binary search tokenizes log2(turns) prompts, not one per turn
-    low, high = 0, len(history)
-    while low < high:
-        middle = (low + high) // 2
-        if max_length - prompt_length(middle) >= wanted:
-            high = middle
-        else:
-            low = middle + 1
-    dropped, length = low, prompt_length(low)
+    # (len(history) when no fewer leaves the room: all of them are dropped)
+    dropped = bisect.bisect_left(range(len(history)), True, key=lambda n: max_length - prompt_length(n) >= wanted)
+    length = prompt_length(dropped)
     room = max_length - length
     if room < 1:
         raise SequenceTooLongError(f"the question has {length} tokens and leaves no room to answer within "
