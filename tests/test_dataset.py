@@ -117,6 +117,24 @@ def test_label_truncation_warns(chatglm_tokenizer, config, images):
     assert sample["labels"][n - 1] == config.text_config.eos_token_id
 
 
+def test_source_and_target_length_are_the_shortest_that_keep_a_sample_whole(chatglm_tokenizer, config):
+    """SampleBuilder.source_length / target_length against expected_ids: at those lengths token_ids keeps the
+    sample whole without a warning; one token less truncates it, with a warning."""
+    from visualglm.dataset import SampleBuilder
+    label = "这张图片的背景是蓝色的大海和晴朗的天空。"
+    a, b, ids, _ = expected_ids(chatglm_tokenizer, config, PROMPT, label)
+    builder = SampleBuilder(chatglm_tokenizer, None, 1, 2, config)
+    source, target = builder.source_length(PROMPT), builder.target_length(label)
+    assert (source, target) == (len(a) + 1, len(b) + 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert SampleBuilder(chatglm_tokenizer, None, source, target, config).token_ids(PROMPT, label)[0] == ids
+    for shorter, part in (((source - 1, target), "prompt"), ((source, target - 1), "label")):
+        with pytest.warns(UserWarning, match=f"{part} takes"):
+            cut = SampleBuilder(chatglm_tokenizer, None, *shorter, config).token_ids(PROMPT, label)[0]
+        assert len(cut) == len(ids) - 1
+
+
 def test_label_truncation_warns_once_per_sample(chatglm_tokenizer, config, images):
     long_label = "天空" * 30
     samples = [(images[0], PROMPT, long_label), (images[1], PROMPT, "短"), (images[2], PROMPT, long_label)]

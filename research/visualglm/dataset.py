@@ -284,6 +284,14 @@ class SampleBuilder:
             self._warned.add((name, what))
             warnings.warn(message, UserWarning, stacklevel=3)
 
+    def source_length(self, prompt):
+        """The smallest max_source_length that keeps `prompt` whole: its ids up to and with [gMASK]."""
+        return len(self.processor.build_input_ids(prompt)[0]) - 1
+
+    def target_length(self, label):
+        """The smallest max_target_length that keeps `label` whole: <sop>, its ids and <eop>."""
+        return len(self.processor._encode(label)) + 2  # pylint: disable=protected-access
+
     def token_ids(self, prompt, label, name="sample"):
         """`(input_ids, context_length, image_start)`: the unpadded ids `a + [gMASK, <sop>] + b + [<eop>]`
         and the index of <sop>. `name` identifies the sample in errors and warnings."""

@@ -162,18 +162,18 @@ def write_yaml(path, data, header=""):
 
 def lengths_for(vocab, datasets, query_length):
     """(max_source_length, max_target_length) that hold every sample of the dataset.json files untruncated, each
-    rounded up to LENGTH_MULTIPLE, measured as dataset.SampleBuilder lays a sample out: the source is the
-    processor's prompt ids without <sop> (ending in [gMASK]), the target <sop>, the label and <eop>."""
+    rounded up to LENGTH_MULTIPLE, measured by dataset.SampleBuilder, which lays the samples out."""
+    from visualglm.dataset import SampleBuilder
     from visualglm.processing import VisualGLMProcessor
-    processor = VisualGLMProcessor(vocab, image_length=query_length)
+    builder = SampleBuilder(VisualGLMProcessor(vocab, image_length=query_length), None, 1, 2)
     prompts, labels = set(), set()
     for path in datasets:
         with open(path, encoding="utf-8") as f:
             for entry in json.load(f):
                 prompts.add(entry["prompt"])
                 labels.add(entry["label"])
-    longest_source = max(len(processor.build_input_ids(prompt)[0]) - 1 for prompt in prompts)
-    longest_target = max(len(vocab.encode(label, add_special_tokens=False)) for label in labels) + 2
+    longest_source = max(map(builder.source_length, prompts))
+    longest_target = max(map(builder.target_length, labels))
     return tuple(-(-n // LENGTH_MULTIPLE) * LENGTH_MULTIPLE for n in (longest_source, longest_target))
 
 
