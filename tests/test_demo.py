@@ -362,6 +362,19 @@ def test_stage0_images_are_the_written_pngs():
     assert serial[0].shape == (300, 48, 48, 3) and serial[2].shape == (300, 9)
 
 
+def test_stage0_image_workers_end_quietly_under_the_sigterm_handler(capfd):
+    """train_demo runs inside sigterm_as_interrupt; the pool's workers, forked with that handler, used to print a
+    KeyboardInterrupt traceback when the pool terminated them after drawing (about every other pool: a race with
+    the worker's exit, so a dozen pools)."""
+    from visualglm.demo import pretrain_vision as stage0
+    from visualglm.fileio import sigterm_as_interrupt
+    with sigterm_as_interrupt():
+        for seed in range(12):
+            assert stage0.vision_arrays(seed, {"vision_more": 300}, 48, 3, workers=2)[0].shape == (300, 48, 48, 3)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+
+
 def test_stage0_curriculum_blends_from_easy_rows_to_all_rows():
     """batch_rows: easy rows only for easy_steps steps, then a share of easy rows falling linearly to none over
     blend_steps steps (the rest from all rows), then all rows."""

@@ -29,6 +29,7 @@ like CLIP, the vision side has seen the world; only the language model has never
 stage's new concept).
 """
 import os
+import signal
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -89,6 +90,10 @@ def scene_arrays(job):
     return np.asarray(draw_scene(scene, size), np.uint8), scene_targets(scene), cover, centre
 
 
+def _default_sigterm():
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def vision_arrays(seed, counts, size, grid, workers=None):
     """(images uint8 [N, S, S, 3], targets [N, 3], cover [N, grid * grid], centre [N, grid * grid]) of the first
     counts[split] images of every split, in that order, drawn in parallel (one process per CPU core)."""
@@ -96,7 +101,9 @@ def vision_arrays(seed, counts, size, grid, workers=None):
     jobs = [(seed, split, index, size, grid) for split, count in counts.items() for index in range(count)]
     workers = workers or os.cpu_count() or 1
     if workers > 1 and len(jobs) > 256:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        # the workers are forked with the caller's SIGTERM handler (train_demo's sigterm_as_interrupt), which
+        # would print a KeyboardInterrupt traceback from each when the pool terminates them at the end
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_default_sigterm) as pool:
             rows = pool.map(scene_arrays, jobs, chunksize=64)
     else:
         rows = [scene_arrays(job) for job in jobs]
