@@ -104,6 +104,7 @@ def test_the_shipped_model_on_fresh_images(tmp_path):
             assert abs(row[qtype] - shipped[lang][qtype]["accuracy"]) <= FRESH_TOLERANCE, (lang, qtype, row)
 
 
+@pytest.mark.slow   # about 65 s; test_the_shipped_lora_teaches_the_star runs the LoRA by default
 def test_the_star_lora_on_fresh_images(tmp_path):
     """The shipped star LoRA on fresh scenes: the share of star-free images for which some answer names a star,
     and the accuracy on the answers that should name the star, stay near the shipped figures (both short of the

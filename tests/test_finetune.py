@@ -81,6 +81,7 @@ def test_lora_training_learns_and_changes_only_lora(tmp_path, chatglm_tokenizer,
     assert "step " not in captured.out                   # stdout: results only
 
 
+@pytest.mark.slow   # about 90 s; test_the_demo_finetune_yaml_trains_the_star_lora_on_cpu trains a LoRA by default
 def test_after_training_the_lora_model_answers_the_training_prompts_with_their_labels(
         tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file, chat_processor):
     """The shipped finetune/ set asks every image the same question, so only the image tells the labels apart.

@@ -208,6 +208,7 @@ def _assert_stopped_cleanly(results, killed_at, output_dir, log_dir):
     return [err.strip() for _, err in results]
 
 
+@pytest.mark.slow   # about 100 s: the default suite keeps under 25 min on 2 cores
 def test_a_lost_worker_of_two_nodes_stops_the_job_and_resume_recovers_it(tmp_path, two_nodes, reference):
     config, one_node = reference
     out, log = tmp_path / "out", tmp_path / "log"
