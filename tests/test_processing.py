@@ -16,7 +16,7 @@ STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 def reference_pixels(rgb_uint8, size):
     """Independent eval preprocessing: PIL bicubic resize of an HxWx3 uint8 array, then numpy (x/255-mean)/std."""
-    img = Image.fromarray(rgb_uint8, "RGB")
+    img = Image.fromarray(rgb_uint8)
     if img.size != (size, size):
         img = img.resize((size, size), resample=Image.Resampling.BICUBIC)
     x = np.asarray(img).astype(np.float32) / np.float32(255)
@@ -110,18 +110,18 @@ def test_modes_are_converted_to_rgb(small):
     def check(image, expected_rgb):
         np.testing.assert_allclose(small(image)[0], reference_pixels(expected_rgb, 16), atol=1e-6)
 
-    check(Image.fromarray(grey, "L"), np.repeat(grey[:, :, None], 3, axis=2))
-    check(Image.fromarray(np.dstack([grey, alpha]), "LA"), np.repeat(grey[:, :, None], 3, axis=2))
-    check(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), rgb)  # alpha dropped, as upstream
+    check(Image.fromarray(grey), np.repeat(grey[:, :, None], 3, axis=2))
+    check(Image.fromarray(np.dstack([grey, alpha])), np.repeat(grey[:, :, None], 3, axis=2))
+    check(Image.fromarray(np.dstack([rgb, alpha])), rgb)  # alpha dropped, as upstream
     palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
     indices = rng.integers(0, 256, (16, 16), dtype=np.uint8)
-    p_image = Image.fromarray(indices, "P")
+    p_image = Image.frombytes("P", (16, 16), indices.tobytes())
     p_image.putpalette(palette.flatten().tolist())
     check(p_image, palette[indices])
     cmy = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    cmyk = Image.fromarray(np.dstack([cmy, np.zeros((16, 16), np.uint8)]), "CMYK")
+    cmyk = Image.frombytes("CMYK", (16, 16), np.dstack([cmy, np.zeros((16, 16), np.uint8)]).tobytes())
     check(cmyk, 255 - cmy)  # with K = 0 every CMYK->RGB formula gives 255 - C
-    with_k = Image.fromarray(np.dstack([cmy, alpha]), "CMYK")
+    with_k = Image.frombytes("CMYK", (16, 16), np.dstack([cmy, alpha]).tobytes())
     check(with_k, np.asarray(with_k.convert("RGB")))
     bilevel = Image.fromarray(grey > 127).convert("1")
     check(bilevel, np.repeat(np.where(grey > 127, 255, 0).astype(np.uint8)[:, :, None], 3, axis=2))

@@ -1,5 +1,6 @@
 """Argument handling and start-up shared by every script."""
 import argparse
+import os
 import sys
 
 from visualglm.errors import UserError
@@ -48,6 +49,30 @@ def str2bool(value):
     if lowered in ("0", "false", "no", "n", "off"):
         return False
     raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _integer_at_least(minimum, what):
+    def parse(value):
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+        return number
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _integer_at_least(1, "an integer >= 1")
+non_negative_int = _integer_at_least(0, "an integer >= 0")
+
+
+def output_folder(path):
+    """An output folder argument: UserError when the path exists and is not a folder (checked before any work)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{path} is a file; expected a folder (or a path to create one at)")
+    return path
 
 
 def optional_bool(value):

@@ -40,7 +40,7 @@ def _to_rgb(img, name):
         return img
     if img.mode in _SIXTEEN_BIT_MODES or (img.mode == "I" and np.asarray(img).max(initial=0) > 255):
         arr = np.asarray(img).astype(np.float64)
-        img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), "L")
+        img = Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8))   # [H, W] uint8: L
     try:
         with warnings.catch_warnings():
             # "Palette images with Transparency expressed in bytes should be converted to RGBA images":

@@ -19,6 +19,7 @@ import time
 from argparse import Namespace
 
 from visualglm.demo.generate_data import LANGUAGES, NEW_SHAPE, QUESTION_TYPES, SHAPES
+from visualglm.errors import UserError
 from visualglm.fileio import atomic_write, write_text_atomic
 
 EVAL_SEED = 1000   # held-out images are drawn with EVAL_SEED + the training seed: images training never saw
@@ -28,6 +29,8 @@ STAR_THRESHOLD = 0.95          # base + LoRA on star scenes, the answers that na
 FALSE_STAR_LIMIT = 0.02        # base + LoRA: share of star-free images for which some answer names a star
 MAX_DROP = 0.03                # base + LoRA against base on the base scenes, per question type and language
 VARIATION_TYPES = ("colour", "shape", "count", "description", "follow-up")
+ENTRY_KEYS = ("img", "label")                                                  # of dataset.json, read here
+META_KEYS = ("question", "history", "type", "lang", "has_star", "variation")   # of meta.json
 STAR_WORDS = (SHAPES[NEW_SHAPE][0], SHAPES[NEW_SHAPE][1])   # 星形, star (and stars)
 
 
@@ -49,12 +52,36 @@ def build_engine(config, lora_checkpoint=None, batch_size=16, device_target=None
     return app.build_engine(components, args), components
 
 
+def _split_file(folder, name):
+    path = os.path.join(folder, name)
+    if not os.path.isdir(folder):
+        raise UserError(f"--data {folder}: {'is a file' if os.path.exists(folder) else 'no such folder'}; expected "
+                        "the folder of a split generate_data.py wrote (dataset.json, meta.json, images/)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--data {folder}: no {name}; expected a split generate_data.py wrote") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"--data {folder}: {name} is not UTF-8 JSON ({err})") from None
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise UserError(f"--data {folder}: {name} is not a JSON list of objects")
+    return data
+
+
 def read_split(folder):
-    """[(image path, question, history, label, meta)] of a generated split."""
-    with open(os.path.join(folder, "dataset.json"), encoding="utf-8") as f:
-        entries = json.load(f)
-    with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
-        meta = json.load(f)
+    """[(image path, question, history, label, meta)] of a generated split; UserError naming what is wrong with
+    a folder that is not one."""
+    entries, meta = _split_file(folder, "dataset.json"), _split_file(folder, "meta.json")
+    if len(entries) != len(meta):
+        raise UserError(f"--data {folder}: dataset.json has {len(entries)} entries, meta.json {len(meta)}; "
+                        "expected one meta record per entry")
+    for name, records, keys in (("dataset.json", entries, ENTRY_KEYS), ("meta.json", meta, META_KEYS)):
+        for number, record in enumerate(records, 1):
+            missing = [key for key in keys if key not in record]
+            if missing:
+                raise UserError(f"--data {folder}: {name} record {number} lacks {', '.join(missing)}; expected "
+                                f"the keys {', '.join(keys)} (as generate_data.py writes them)")
     return [(os.path.join(folder, e["img"]), m["question"], [tuple(turn) for turn in m["history"]], e["label"], m)
             for e, m in zip(entries, meta)]
 
@@ -231,26 +258,30 @@ def write_report(summary, json_path, md_path):
 
 
 def main(argv=None):
+    from visualglm.cli import non_negative_int, positive_int
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--config", default="run_visualglm_demo.yaml", help="inference yaml of the demo model")
     parser.add_argument("--lora_checkpoint", default=None, help="LoRA weights (LoRA settings: the yaml's pet_config)")
     parser.add_argument("--data", default=None, help="a generated split folder (dataset.json + meta.json)")
-    parser.add_argument("--seed", type=int, default=EVAL_SEED,
+    parser.add_argument("--seed", type=non_negative_int, default=EVAL_SEED,
                         help=f"data seed when --data is not given (default {EVAL_SEED}: images training never saw)")
     parser.add_argument("--split", default="heldout", choices=("heldout", "lora_heldout"),
                         help="which held-out split to generate when --data is not given")
-    parser.add_argument("--images", type=int, default=None, help="images to generate (default: the split's own)")
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--images", type=positive_int, default=None,
+                        help="images to generate (default: the split's own)")
+    parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--device_target", default=None)
     parser.add_argument("--json", default=None, help="also write the result to this file")
     args = parser.parse_args(argv)
     from visualglm import app
     lora = app.resolve_path(args.lora_checkpoint, app.REPO_ROOT) if args.lora_checkpoint else None
+    if args.data is not None:
+        read_split(args.data)   # a bad folder is named before the model is built
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.data
         if folder is None:
             from visualglm.demo.generate_data import DEFAULT_COUNTS, write_split
-            write_split(tmp, args.split, args.images or DEFAULT_COUNTS[args.split], args.seed)
+            write_split(tmp, args.split, DEFAULT_COUNTS[args.split] if args.images is None else args.images, args.seed)
             folder = os.path.join(tmp, args.split)
         engine, _ = build_engine(args.config, lora, args.batch_size, args.device_target)
         result = evaluate_split(engine, folder, args.batch_size)

@@ -274,7 +274,7 @@ def draw_scene(scene, size=IMAGE_SIZE):
     bottom = np.array(scene["gradient"] or scene["background"], np.float32)
     ramp = np.linspace(0, 1, big, dtype=np.float32)[:, None, None]
     canvas = (top * (1 - ramp) + bottom * ramp) * np.ones((1, big, 1), np.float32)
-    img = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), "RGB")
+    img = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8))   # [H, W, 3] uint8: RGB
     draw = ImageDraw.Draw(img)
     style = scene.get("style", "filled")
     for group, jitter in zip(scene["groups"], scene["jitter"]):
@@ -298,7 +298,7 @@ def draw_scene(scene, size=IMAGE_SIZE):
     img = img.resize((size, size), Image.LANCZOS)
     noise = np.random.default_rng(scene["noise_seed"]).normal(0, scene["noise"], (size, size, 3))
     pixels = np.clip(np.asarray(img, np.float32) + noise, 0, 255)
-    return Image.fromarray(np.rint(pixels).astype(np.uint8), "RGB")
+    return Image.fromarray(np.rint(pixels).astype(np.uint8))
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -594,16 +594,20 @@ def write_examples(folder, size=224):
 
 
 def main(argv=None):
+    from visualglm.cli import non_negative_int, output_folder, positive_int
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", required=True, help="output folder (train/, heldout/, lora_train/, lora_heldout/)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     for split, count in DEFAULT_COUNTS.items():
-        parser.add_argument(f"--{split}", type=int, default=count, help=f"images in {split} (default {count})")
+        parser.add_argument(f"--{split}", type=non_negative_int, default=count, help=f"images in {split} (default {count})")
     parser.add_argument("--splits", nargs="+", choices=tuple(DEFAULT_COUNTS), default=list(DEFAULT_COUNTS),
                         help="write only these splits (default: all), e.g. --splits lora_train for the star LoRA")
-    parser.add_argument("--image_size", type=int, default=IMAGE_SIZE)
+    parser.add_argument("--image_size", type=positive_int, default=IMAGE_SIZE, help=f"pixels (default {IMAGE_SIZE})")
     parser.add_argument("--examples", default=None, help="also draw the example images into this folder")
     args = parser.parse_args(argv)
+    output_folder(args.out)
+    if args.examples:
+        output_folder(args.examples)
     counts = {split: getattr(args, split) for split in DEFAULT_COUNTS}
     written = generate(args.out, args.seed, counts, args.image_size, args.splits)
     for split, n in written.items():
@@ -614,4 +618,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from visualglm.cli import run_main
+    run_main(main)

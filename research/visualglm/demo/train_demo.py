@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+from visualglm.errors import UserError
 from visualglm.fileio import atomic_write, sigterm_as_interrupt, write_text_atomic
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -442,9 +443,70 @@ def write_demo_yamls(summary):
                                   image="demo_star.png", **common))
 
 
+# ------------------------------------------------------------------------------------------------ command line
+# --set values that must be positive (the others may be 0): sizes, image counts, step and batch counts, the lr
+POSITIVE = ("steps", "report_steps", "batch_size", "epochs", "samples", "lora_rank", "learning_rate")
+
+
+def recipe_defaults():
+    """{--set section: the recipe's settings it overrides}."""
+    from visualglm.demo.generate_data import DEFAULT_COUNTS
+    return {"vision": VISION, "stage1": STAGE1, "stage2": STAGE2, "model": MODEL, "data": DEFAULT_COUNTS}
+
+
+def _typed(item, text, default, positive):
+    """`text` as a value of the default's type; UserError naming the --set item otherwise."""
+    from visualglm.cli import str2bool
+    try:
+        if isinstance(default, bool):
+            return str2bool(text)
+        value = type(default)(json.loads(text) if isinstance(default, str) and text[:1] == '"' else text)
+    except ValueError:
+        kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), "text")
+        raise UserError(f"--set {item}: expected {kind}, like the default {default!r}") from None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and (value <= 0 if positive else value < 0):
+        raise UserError(f"--set {item}: expected a value {'> 0' if positive else '>= 0'}")
+    return value
+
+
+def parse_overrides(items):
+    """--set SECTION.KEY=VALUE items as {section: {key: value}}, each value of its default's type; a malformed
+    item, an unknown section or key, a value of the wrong type or sign is a UserError naming it."""
+    defaults = recipe_defaults()
+    overrides = {section: {} for section in defaults}
+    for item in items:
+        key, equals, text = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not equals or not dot:
+            raise UserError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. stage1.learning_rate=1e-3")
+        if section not in defaults:
+            raise UserError(f"--set {item}: unknown section {section!r}; expected one of {', '.join(defaults)}")
+        if name not in defaults[section]:
+            raise UserError(f"--set {item}: {section} has no {name!r}; expected one of "
+                            f"{', '.join(defaults[section])}")
+        overrides[section][name] = _typed(item, text, defaults[section][name],
+                                          section in ("model", "data") or name in POSITIVE)
+    check_sizes(overrides["model"])
+    return overrides
+
+
+def check_sizes(sizes):
+    """UserError unless the model sizes make a VisualGLM (patches tile the image, heads divide the widths)."""
+    from visualglm.configuration import GLMConfig, QFormerConfig, ViTConfig
+    m = dict(MODEL, **sizes)
+    try:
+        ViTConfig(image_size=m["image_size"], patch_size=m["patch_size"], hidden_size=m["vit_hidden"],
+                  num_attention_heads=m["vit_heads"])
+        QFormerConfig(hidden_size=m["qformer_hidden"], num_attention_heads=m["qformer_heads"])
+        GLMConfig(hidden_size=m["glm_hidden"], num_heads=m["glm_heads"])
+    except ValueError as err:
+        raise UserError(f"--set model.*: {err}") from None
+
+
 def main(argv=None):
+    from visualglm.cli import non_negative_int, output_folder
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--out", default="output/visualglm_demo", help="work folder (data, stages, results)")
     parser.add_argument("--ship", action="store_true", help="copy the results into research/visualglm/demo/weights/")
     parser.add_argument("--smoke", action="store_true", help="a few steps on a tiny data set (a test)")
@@ -455,12 +517,9 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="experiments: stage1.learning_rate=1e-3, model.glm_layers=4, data.train=2000 ...")
     args = parser.parse_args(argv)
+    output_folder(args.out)
+    overrides = parse_overrides(args.set)   # every mistake named before the data are drawn
     os.environ.setdefault("LOCAL_DEFAULT_PATH", os.path.join(os.path.abspath(args.out), "mindformers_log"))
-    overrides = {"vision": {}, "stage1": {}, "stage2": {}, "model": {}, "data": {}}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        overrides[section][name] = json.loads(value) if value[:1] in "0123456789-[{\"tf" else value
     with sigterm_as_interrupt():   # a kill removes the file being written, like Ctrl-C
         summary = train(args.out, args.seed, args.smoke, overrides["stage1"], overrides["stage2"], overrides["data"],
                         overrides["model"], args.skip_eval, stage1_only=args.stage1_only, vision=overrides["vision"])
@@ -473,4 +532,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from visualglm.cli import run_main
+    run_main(main)
