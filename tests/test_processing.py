@@ -144,6 +144,8 @@ def test_missing_file(tmp_path, small):
     missing = tmp_path / "no_such_picture.jpg"
     with pytest.raises(UserError, match="no_such_picture.jpg"):
         small(str(missing))
+    with pytest.raises(UserError, match=f"^image file {tmp_path} is a folder; expected an image file$"):
+        small(str(tmp_path))
 
 
 def test_corrupt_file(tmp_path, small):

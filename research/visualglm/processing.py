@@ -74,6 +74,8 @@ def load_image(image):
             path = os.fspath(image)
             if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path):
                 raise UserError(f"{name}: URLs are not supported, download the image and pass the file")
+            if os.path.isdir(path):
+                raise UserError(f"{name} is a folder; expected an image file")
             if not os.path.isfile(path):
                 raise UserError(f"{name} not found")
             source = path
