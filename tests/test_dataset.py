@@ -325,6 +325,21 @@ def test_malformed_jsonl_and_missing_file(tmp_path):
         read_dataset_json(str(tmp_path / "nope.json"))
 
 
+def test_a_dataset_folder_stands_for_its_dataset_json(tmp_path):
+    """generate_data.py writes a split as a folder with dataset.json and images/: the folder is accepted, with the
+    same samples (images resolved against it) as the file; a folder without dataset.json is named."""
+    split = tmp_path / "split"
+    (split / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(split / "images" / "a.png")
+    (split / "dataset.json").write_text(json.dumps([{"img": "images/a.png", "prompt": "p", "label": "l"}]))
+    from_folder, from_file = read_dataset_json(str(split)), read_dataset_json(str(split / "dataset.json"))
+    assert from_folder == from_file and from_folder[0].image == str(split / "images" / "a.png")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=f"^dataset folder {tmp_path / 'empty'} holds no dataset.json; expected a "
+                                        "dataset.json file or a folder holding one$"):
+        read_dataset_json(str(tmp_path / "empty"))
+
+
 def test_missing_and_corrupt_images_named_before_training(tmp_path, images, chatglm_tokenizer, config):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     Image.new("RGB", (30, 30), (1, 2, 3)).save(tmp_path / "ok.png")

@@ -147,8 +147,26 @@ def _read_text(path):
             from None
 
 
+DATASET_FILE = "dataset.json"   # the file a dataset folder holds (generate_data.py's splits, finetune/)
+
+
+def dataset_file(path):
+    """The dataset file `path` names: the file itself, or a folder's dataset.json; UserError otherwise."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        inside = os.path.join(path, DATASET_FILE)
+        if not os.path.isfile(inside):
+            raise UserError(f"dataset folder {path} holds no {DATASET_FILE}; expected a dataset.json file or a "
+                            "folder holding one")
+        return inside
+    if not os.path.isfile(path):
+        raise UserError(f"dataset file not found: {path}")
+    return path
+
+
 def read_dataset_json(path, require_label=False, image_root=None):
-    """The samples of a finetuning `dataset.json` (spec §15.1) as a list of `FinetuneSample`.
+    """The samples of a finetuning `dataset.json` (spec §15.1; or the folder holding it) as a list of
+    `FinetuneSample`.
 
     The file is a UTF-8 JSON list of objects `{"img": path, "prompt": question, "label": answer}` (a `.jsonl`
     file: one object per line). Objects without those keys are read like MindFormers does, by the first three
@@ -157,9 +175,7 @@ def read_dataset_json(path, require_label=False, image_root=None):
     symlinks. A file that is not UTF-8 or is malformed raises a UserError naming where (line, byte offset or
     entry, and field). With `require_label` (finetuning) an entry whose label is missing or blank is such an
     error too: it would train the model to answer nothing."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise UserError(f"dataset file not found: {path}")
+    path = dataset_file(path)
     text = _read_text(path)
     root = _image_root(image_root, path)
     entries = []

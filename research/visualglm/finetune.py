@@ -241,7 +241,7 @@ def run_finetune(args):
     import mindspore as ms
     from mindspore.train import Model
     from visualglm import app, loss_curve
-    from visualglm.dataset import build_finetune_dataset, read_dataset_json
+    from visualglm.dataset import build_finetune_dataset, dataset_file, read_dataset_json
     from visualglm.lora import apply_lora
     from visualglm.processing import VisualGLMProcessor
     from visualglm.training import (CheckpointSaver, FinetuneLoss, TrainStep, TrainingMonitor, agreed_resume_step,
@@ -277,6 +277,7 @@ def run_finetune(args):
     dataset_path = app.resolve_path(dataset_json, app.REPO_ROOT)
     if dataset_path is None:
         raise UserError(f"dataset file not found: {dataset_json}")
+    dataset_path = dataset_file(dataset_path)   # a folder stands for its dataset.json
     samples = read_dataset_json(dataset_path, require_label=True,     # malformed entries and missing images fail before the model
                                 image_root=args.image_root)
 
@@ -391,7 +392,8 @@ def add_finetune_args(parser):
                         help="matmul dtype (default: the yaml's; float32 on CPU)")
     parser.add_argument("--checkpoint", default=None, help="base model checkpoint (Q-Former or whole model)")
     parser.add_argument("--vocab_file", default=None, help="tokenizer model (overrides the yaml)")
-    parser.add_argument("--dataset_dir", default=None, help="dataset.json (overrides train_dataset.data_loader)")
+    parser.add_argument("--dataset_dir", default=None,
+                        help="dataset.json or the folder holding it (overrides train_dataset.data_loader)")
     parser.add_argument("--image_root", default=None,
                         help="folder the dataset's image paths are resolved against and confined to "
                              "(default: the dataset file's folder)")
