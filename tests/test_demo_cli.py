@@ -115,3 +115,30 @@ def test_scenes_are_drawn_without_deprecation_warnings():
         for split, index in (("heldout", 0), ("train", 3), ("lora_heldout", 1)):
             scene, png, _ = generate_data.make_sample(0, split, index)
             assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lora_weights_with_a_config_without_lora_settings_are_named(tmp_path):
+    """The LoRA weights need the yaml they were trained with (its pet_config): the base yaml, or one that says
+    pet_type: full, is one line naming the config; a missing --lora_checkpoint of evaluate.py is not silently the
+    base model."""
+    import yaml
+    base = REPO / "research" / "visualglm" / "run_visualglm_demo.yaml"
+    lora = "research/visualglm/demo/weights/visualglm_demo_lora.ckpt"
+    run = [sys.executable, str(REPO / "research" / "visualglm" / "run_visualglm_with_lora.py"),
+           "--lora_checkpoint", lora, "--image_path", "examples/demo_star.png"]
+    result = subprocess.run([*run, "--config", str(base)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --lora_checkpoint needs the LoRA settings the weights were trained with, in the config's "
+        f"model.model_config.pet_config ({base}): the yaml has no model.model_config.pet_config "
+        "(pet_type: lora with lora_rank, ... or pet_type: full)")
+    full = yaml.safe_load(base.read_text(encoding="utf-8"))
+    full["model"]["model_config"]["pet_config"] = {"pet_type": "full"}
+    (tmp_path / "full.yaml").write_text(yaml.safe_dump(full, allow_unicode=True), encoding="utf-8")
+    result = subprocess.run([*run, "--config", str(tmp_path / "full.yaml")], capture_output=True, text=True,
+                            timeout=300, cwd=REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: --lora_checkpoint needs pet_type: lora in the pet_config of {tmp_path / 'full.yaml'} (it says full)"
+    assert _fails("evaluate.py", "--images", "1", "--lora_checkpoint", "no/such.ckpt", cwd=tmp_path) == \
+        "error: LoRA checkpoint not found: no/such.ckpt"

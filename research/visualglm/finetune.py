@@ -77,7 +77,7 @@ def lora_settings(yaml):
     model_config = _get(_get(yaml, "model"), "model_config")
     pet = _get(model_config, "pet_config") or _get(_get(model_config, "text_config"), "pet_config")
     if not pet:
-        raise UserError("the finetune yaml has no model.model_config.pet_config "
+        raise UserError("the yaml has no model.model_config.pet_config "
                         "(pet_type: lora with lora_rank, ... or pet_type: full)")
     pet = pet.to_dict() if hasattr(pet, "to_dict") else dict(pet)
     pet_type = str(pet.get("pet_type", "lora")).lower()
@@ -101,6 +101,19 @@ def lora_settings(yaml):
                 lora_dropout=_number(pet, "lora_dropout", 0.0, where, minimum=0),
                 layer_range=layer_range, target_modules=targets,
                 param_init_type=pet.get("param_init_type", "float32"))
+
+
+def trained_lora_settings(yaml, config_path, option):
+    """lora_settings of an inference yaml, for loading LoRA weights (`option` names them): UserError naming the
+    config when its pet_config is missing, wrong or says full."""
+    try:
+        settings = lora_settings(yaml)
+    except UserError as err:
+        raise UserError(f"{option} needs the LoRA settings the weights were trained with, in the config's "
+                        f"model.model_config.pet_config ({config_path}): {err}") from None
+    if settings is None:
+        raise UserError(f"{option} needs pet_type: lora in the pet_config of {config_path} (it says full)")
+    return settings
 
 
 def settings_to_compare(lora):

@@ -90,7 +90,7 @@ def check_merge_output(output, inputs):
 
 def main(argv=None):
     args = parse_args(argv)
-    from visualglm.finetune import lora_settings   # after the arguments: --help answers at once
+    from visualglm.finetune import trained_lora_settings   # after the arguments: --help answers at once
     from visualglm.lora import apply_lora, load_lora, save_merged_checkpoint, use_cpu_kernel
     from visualglm.modeling import check_checkpoint_file
     lora_path = app.resolve_path(args.lora_checkpoint, app.REPO_ROOT)
@@ -102,7 +102,8 @@ def main(argv=None):
         merge_output = merged_output_path(args.merge_output, lora_path)
         check_merge_output(merge_output, input_files(args, lora_path))
     samples, components = app.prepare(args)
-    apply_lora(components.model, **lora_settings(components.settings.yaml))
+    settings = components.settings
+    apply_lora(components.model, **trained_lora_settings(settings.yaml, settings.config_path, "--lora_checkpoint"))
     use_cpu_kernel(components.model)      # the same products as the server's adapters (api.py --lora)
     load_lora(components.model, lora_path)
     components.model.set_train(False)

@@ -124,18 +124,12 @@ def build_batching(args):
     loras = dict(getattr(args, "lora", None) or ())
     settings = None
     if loras:   # everything that can be checked without the model, before it is built
-        from visualglm.finetune import lora_settings
+        from visualglm.finetune import trained_lora_settings
         from visualglm.modeling import check_checkpoint_file
         config_path = app.resolve_path(args.config, app.PACKAGE_DIR, app.REPO_ROOT)
         if config_path is None or not os.path.isfile(config_path):
             raise UserError(f"config file not found: {args.config}")
-        try:
-            settings = lora_settings(app.read_yaml(config_path))
-        except UserError as err:
-            raise UserError(f"--lora needs the LoRA settings the adapters were trained with, in the config's "
-                            f"model.model_config.pet_config ({config_path}): {err}") from None
-        if settings is None:
-            raise UserError(f"--lora needs pet_type: lora in the pet_config of {config_path} (it says full)")
+        settings = trained_lora_settings(app.read_yaml(config_path), config_path, "--lora")
         for name, path in loras.items():
             resolved = app.resolve_path(path, app.REPO_ROOT)
             if resolved is None or not os.path.isfile(resolved):

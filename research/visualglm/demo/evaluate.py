@@ -44,9 +44,11 @@ def build_engine(config, lora_checkpoint=None, batch_size=16, device_target=None
                      repetition_penalty=1.0, english=False, quantization_bit=None)
     components = app.build_components(args)
     if lora_checkpoint:
-        from visualglm.finetune import lora_settings
+        from visualglm.finetune import trained_lora_settings
         from visualglm.lora import apply_lora, load_lora
-        apply_lora(components.model, **lora_settings(components.settings.yaml))
+        settings = components.settings
+        apply_lora(components.model, **trained_lora_settings(settings.yaml, settings.config_path,
+                                                              "--lora_checkpoint"))
         load_lora(components.model, lora_checkpoint)
         components.model.set_train(False)
     return app.build_engine(components, args), components
@@ -274,7 +276,13 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the result to this file")
     args = parser.parse_args(argv)
     from visualglm import app
-    lora = app.resolve_path(args.lora_checkpoint, app.REPO_ROOT) if args.lora_checkpoint else None
+    lora = None
+    if args.lora_checkpoint:
+        from visualglm.modeling import check_checkpoint_file
+        lora = app.resolve_path(args.lora_checkpoint, app.REPO_ROOT)
+        if lora is None or not os.path.isfile(lora):   # not silently the base model
+            raise UserError(f"LoRA checkpoint not found: {args.lora_checkpoint}")
+        check_checkpoint_file(lora, "the LoRA checkpoint (--lora_checkpoint)")
     if args.data is not None:
         read_split(args.data)   # a bad folder is named before the model is built
     with tempfile.TemporaryDirectory() as tmp:
