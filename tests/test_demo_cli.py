@@ -52,6 +52,9 @@ def test_set_values_take_the_type_of_the_recipe_default():
     ("stage2.weight_decay=-0.1", "--set stage2.weight_decay=-0.1: expected a value >= 0"),
     ("model.patch_size=7", "image_size 96 is not a multiple of patch_size 7"),
     ("model.glm_heads=3", "not divisible|multiple of 4"),
+    ("stage1.learning_rate=nan", "--set stage1.learning_rate=nan: expected a finite number"),
+    ("stage2.target_modules=attention.(dense", "--set stage2.target_modules=attention.(dense: not a regular "
+                                               "expression (missing ), unterminated subpattern"),
 ])
 def test_a_bad_set_item_is_named(item, message):
     import re

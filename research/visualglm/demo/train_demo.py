@@ -24,6 +24,7 @@ of this script).
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -464,6 +465,8 @@ def _typed(item, text, default, positive):
     except ValueError:
         kind = {bool: "true or false", int: "an integer", float: "a number"}.get(type(default), "text")
         raise UserError(f"--set {item}: expected {kind}, like the default {default!r}") from None
+    if isinstance(value, float) and not np.isfinite(value):
+        raise UserError(f"--set {item}: expected a finite number")
     if isinstance(value, (int, float)) and not isinstance(value, bool) and (value <= 0 if positive else value < 0):
         raise UserError(f"--set {item}: expected a value {'> 0' if positive else '>= 0'}")
     return value
@@ -487,6 +490,12 @@ def parse_overrides(items):
         overrides[section][name] = _typed(item, text, defaults[section][name],
                                           section in ("model", "data") or name in POSITIVE)
     check_sizes(overrides["model"])
+    targets = overrides["stage2"].get("target_modules")
+    if targets is not None:   # stage 2 comes after an hour and a half of training
+        try:
+            re.compile(targets)
+        except re.error as err:
+            raise UserError(f"--set stage2.target_modules={targets}: not a regular expression ({err})") from None
     return overrides
 
 
