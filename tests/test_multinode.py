@@ -163,6 +163,8 @@ def _assert_same_weights(output_dir, expected_dir):
     assert not [p for p in output_dir.rglob("*") if ".tmp" in p.name]
 
 
+@pytest.mark.slow   # about 80 s with the two nodes' set-up: the default suite keeps under 25 min on 2 cores; the
+# one-node data-parallel test of test_finetune.py runs msrun by default
 def test_two_nodes_train_to_the_weights_of_one_node(tmp_path, two_nodes, reference):
     config, one_node = reference
     results = _finish(_launch_two_nodes(tmp_path, two_nodes, config, tmp_path / "out"), timeout=600)
