@@ -138,6 +138,7 @@ def test_logged_learning_rate_follows_the_annealing_formula(tmp_path, chatglm_to
     np.testing.assert_allclose(logged, [spec_lr(s) for s in range(6)], rtol=5e-4)   # logged with 4 digits
 
 
+@pytest.mark.slow   # about 50 s: the default suite keeps under 25 min on 2 cores
 def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file):
     yaml_path = _yaml(tmp_path, chatglm_tokenizer, chat_checkpoint, chatglm_vocab_file, num_iters=24)
     command = [sys.executable, str(FINETUNE), "--config", yaml_path, "--save_steps", "1"]

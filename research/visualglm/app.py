@@ -476,14 +476,18 @@ def check_lengths(samples, processor, config, generation, english=False):
                                        "--max_new_tokens")
 
 
-def prepare(args):
+def prepare(args, check_config=None):
     """What the generate scripts do first: print the parsed arguments (as upstream's scripts do, but on stderr:
     stdout carries the answers only), check them,
-    collect the samples (every image checked before the model is built), build the components.
+    collect the samples (every image checked before the model is built), call check_config(path) with the
+    config's path when it exists (a script's own checks of the yaml), build the components.
     Returns (samples, components)."""
     print(args, file=sys.stderr, flush=True)
     check_arguments(args)
     samples = collect_samples(args)
+    config_path = resolve_path(args.config, PACKAGE_DIR, REPO_ROOT)
+    if check_config and config_path is not None and os.path.isfile(config_path):   # else load_settings names it
+        check_config(config_path)
     return samples, build_components(args, samples)
 
 

@@ -101,10 +101,8 @@ def main(argv=None):
     if args.merge_output is not None:
         merge_output = merged_output_path(args.merge_output, lora_path)
         check_merge_output(merge_output, input_files(args, lora_path))
-    config_path = app.resolve_path(args.config, app.PACKAGE_DIR, app.REPO_ROOT)
-    if config_path is not None and os.path.isfile(config_path):   # LoRA settings before the model (else prepare names it)
-        trained_lora_settings(app.read_yaml(config_path), config_path, "--lora_checkpoint")
-    samples, components = app.prepare(args)
+    samples, components = app.prepare(   # the LoRA settings are checked before the model is built
+        args, lambda path: trained_lora_settings(app.read_yaml(path), path, "--lora_checkpoint"))
     settings = components.settings
     apply_lora(components.model, **trained_lora_settings(settings.yaml, settings.config_path, "--lora_checkpoint"))
     use_cpu_kernel(components.model)      # the same products as the server's adapters (api.py --lora)
