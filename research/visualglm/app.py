@@ -138,6 +138,17 @@ def collect_samples(args):
     return samples
 
 
+def lora_checkpoint_path(text, option="--lora_checkpoint"):
+    """The LoRA checkpoint file `text` names (looked up like the other inputs), checked before the model is
+    built; UserError when it is missing or not a MindSpore checkpoint."""
+    from visualglm.modeling import check_checkpoint_file
+    path = resolve_path(text, REPO_ROOT)
+    if path is None or not os.path.isfile(path):
+        raise UserError(f"LoRA checkpoint not found: {text}")
+    check_checkpoint_file(path, f"the LoRA checkpoint ({option})")
+    return path
+
+
 def check_images(samples):
     """Resolve every image path and decode it once; all problems in one UserError."""
     from visualglm.processing import load_image
@@ -476,26 +487,25 @@ def check_lengths(samples, processor, config, generation, english=False):
                                        "--max_new_tokens")
 
 
-def prepare(args, check_config=None):
+def prepare(args, check_settings=None):
     """What the generate scripts do first: print the parsed arguments (as upstream's scripts do, but on stderr:
     stdout carries the answers only), check them,
-    collect the samples (every image checked before the model is built), call check_config(path) with the
-    config's path when it exists (a script's own checks of the yaml), build the components.
-    Returns (samples, components)."""
+    collect the samples (every image checked before the model is built), build the components (see
+    build_components for check_settings). Returns (samples, components)."""
     print(args, file=sys.stderr, flush=True)
     check_arguments(args)
     samples = collect_samples(args)
-    config_path = resolve_path(args.config, PACKAGE_DIR, REPO_ROOT)
-    if check_config and config_path is not None and os.path.isfile(config_path):   # else load_settings names it
-        check_config(config_path)
-    return samples, build_components(args, samples)
+    return samples, build_components(args, samples, check_settings)
 
 
-def build_components(args, samples=()):
+def build_components(args, samples=(), check_settings=None):
     """Check the arguments (and that the samples' prompts fit), set the device, build tokenizer,
-    processors and the model."""
+    processors and the model. check_settings(RunSettings): a script's own checks of the yaml, before the model
+    is built."""
     from visualglm.processing import VisualGLMProcessor
     settings = load_settings(args)
+    if check_settings:
+        check_settings(settings)
     generation = generation_config(args, settings)
     tokenizer = build_tokenizer(settings)
     image_processor = build_image_processor(settings)

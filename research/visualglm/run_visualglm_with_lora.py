@@ -92,19 +92,16 @@ def main(argv=None):
     args = parse_args(argv)
     from visualglm.finetune import trained_lora_settings   # after the arguments: --help answers at once
     from visualglm.lora import apply_lora, load_lora, save_merged_checkpoint, use_cpu_kernel
-    from visualglm.modeling import check_checkpoint_file
-    lora_path = app.resolve_path(args.lora_checkpoint, app.REPO_ROOT)
-    if lora_path is None or not os.path.isfile(lora_path):   # before the model is built
-        raise UserError(f"LoRA checkpoint not found: {args.lora_checkpoint}")
-    check_checkpoint_file(lora_path, "the LoRA checkpoint (--lora_checkpoint)")
+    lora_path = app.lora_checkpoint_path(args.lora_checkpoint)
     merge_output = None
     if args.merge_output is not None:
         merge_output = merged_output_path(args.merge_output, lora_path)
         check_merge_output(merge_output, input_files(args, lora_path))
-    samples, components = app.prepare(   # the LoRA settings are checked before the model is built
-        args, lambda path: trained_lora_settings(app.read_yaml(path), path, "--lora_checkpoint"))
-    settings = components.settings
-    apply_lora(components.model, **trained_lora_settings(settings.yaml, settings.config_path, "--lora_checkpoint"))
+    def lora_of(settings):
+        return trained_lora_settings(settings.yaml, settings.config_path, "--lora_checkpoint")
+
+    samples, components = app.prepare(args, lora_of)   # the LoRA settings are checked before the model is built
+    apply_lora(components.model, **lora_of(components.settings))
     use_cpu_kernel(components.model)      # the same products as the server's adapters (api.py --lora)
     load_lora(components.model, lora_path)
     components.model.set_train(False)

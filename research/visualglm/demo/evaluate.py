@@ -276,13 +276,7 @@ def main(argv=None):
     parser.add_argument("--json", default=None, help="also write the result to this file")
     args = parser.parse_args(argv)
     from visualglm import app
-    lora = None
-    if args.lora_checkpoint:
-        from visualglm.modeling import check_checkpoint_file
-        lora = app.resolve_path(args.lora_checkpoint, app.REPO_ROOT)
-        if lora is None or not os.path.isfile(lora):   # not silently the base model
-            raise UserError(f"LoRA checkpoint not found: {args.lora_checkpoint}")
-        check_checkpoint_file(lora, "the LoRA checkpoint (--lora_checkpoint)")
+    lora = app.lora_checkpoint_path(args.lora_checkpoint) if args.lora_checkpoint else None   # not silently the base
     if args.data is not None:
         read_split(args.data)   # a bad folder is named before the model is built
     with tempfile.TemporaryDirectory() as tmp:
