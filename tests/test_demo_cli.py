@@ -69,7 +69,7 @@ def test_training_script_refuses_bad_arguments_before_drawing_data(tmp_path):
         "error: --set vision.stepz=5: vision has no 'stepz'; expected one of " + ", ".join(train_demo.VISION)
     (tmp_path / "a_file").write_text("x")
     assert _fails("train_demo.py", "--out", str(tmp_path / "a_file"), cwd=tmp_path) == \
-        f"error: {tmp_path / 'a_file'} is a file; expected a folder (or a path to create one at)"
+        f"error: --out: {tmp_path / 'a_file'} is a file, not a folder; choose another path"
     assert "argument --seed: expected an integer >= 0, got '-1'" in _fails("train_demo.py", "--out", str(out),
                                                                            "--seed", "-1", cwd=tmp_path)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
@@ -78,14 +78,20 @@ def test_training_script_refuses_bad_arguments_before_drawing_data(tmp_path):
 def test_data_generator_refuses_bad_arguments(tmp_path):
     (tmp_path / "a_file").write_text("x")
     assert _fails("generate_data.py", "--out", "a_file", "--splits", "heldout", cwd=tmp_path) == \
-        "error: a_file is a file; expected a folder (or a path to create one at)"
+        "error: --out: a_file is a file, not a folder; choose another path"
+    (tmp_path / "locked").mkdir(mode=0o555)
+    assert _fails("generate_data.py", "--out", "locked/d", "--examples", "e", cwd=tmp_path) == \
+        f"error: --out: the folder {tmp_path / 'locked'} is read-only; choose a writable location"
+    assert _fails("generate_data.py", "--out", "d", "--examples", "a_file", cwd=tmp_path) == \
+        "error: --examples: a_file is a file, not a folder; choose another path"
     assert _fails("generate_data.py", "--out", "d", "--heldout", "-1", cwd=tmp_path).endswith(
         "argument --heldout: expected an integer >= 0, got '-1'")
     assert _fails("generate_data.py", "--out", "d", "--seed", "x", cwd=tmp_path).endswith(
         "argument --seed: expected an integer >= 0, got 'x'")
     assert _fails("generate_data.py", "--out", "d", "--image_size", "0", cwd=tmp_path).endswith(
         "argument --image_size: expected an integer >= 1, got '0'")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "locked"]
+    assert not any((tmp_path / "locked").iterdir())
 
 
 def test_evaluation_refuses_bad_arguments_before_building_the_model(tmp_path):

@@ -68,13 +68,6 @@ positive_int = _integer_at_least(1, "an integer >= 1")
 non_negative_int = _integer_at_least(0, "an integer >= 0")
 
 
-def output_folder(path):
-    """An output folder argument: UserError when the path exists and is not a folder (checked before any work)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{path} is a file; expected a folder (or a path to create one at)")
-    return path
-
-
 def optional_bool(value):
     """str2bool for flags that may also be given bare (`--stream` = `--stream true`)."""
     return str2bool(value)

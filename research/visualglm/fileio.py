@@ -1,13 +1,18 @@
 """Writing output files so that a failure (a full disk, Ctrl-C, a kill) never leaves a truncated file under the
-final name nor a half-written temporary file beside it.
+final name nor a half-written temporary file beside it, and refusing output paths that cannot be written before
+any work starts.
 
-Standard library only: cheap to import from any script.
+Standard library only (and visualglm.errors): cheap to import from any script.
 """
 import contextlib
 import itertools
 import os
 import signal
+import stat
+import tempfile
 import threading
+
+from visualglm.errors import UserError
 
 _numbers = itertools.count()
 
@@ -65,3 +70,63 @@ def sigterm_as_interrupt():
     finally:
         # None: the handler was not set from Python; the default is what it was
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+# ----- output paths, checked before any work -----
+
+def _read_only(path):
+    """Whether an existing path may not be written: no write permission for us, or no write bit at all (a
+    file chmod'ed read-only is read-only for root too, although root could write it)."""
+    return not os.access(path, os.W_OK) or not os.stat(path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
+
+
+def _existing_ancestor(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def _check_folder_writable(folder, what):
+    if not os.path.isdir(folder):
+        raise UserError(f"{what}: {folder} is a file, not a folder; choose another path")
+    if _read_only(folder):
+        raise UserError(f"{what}: the folder {folder} is read-only; choose a writable location")
+    try:   # a read-only file system, a full quota, ...: try it (the probe is removed at once)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f"{what}: cannot write in {folder} ({err.strerror or err}); choose a writable location") \
+            from None
+
+
+def check_output_file(path, what):
+    """Refuse, before anything is built, an output file path that is a folder, read-only, or inside a folder
+    that cannot be written (`what` names the option in the message)."""
+    if os.path.isdir(path):
+        raise UserError(f"{what}: {path} is a folder; give a file name, e.g. {os.path.join(path, 'merged.ckpt')}")
+    if os.path.exists(path) and _read_only(path):
+        raise UserError(f"{what}: {path} is read-only; choose another file")
+    _check_folder_writable(_existing_ancestor(path), what)
+
+
+def check_output_dir(path, what, files=(), folders=()):
+    """Refuse an output folder that is a file or read-only, any of `folders` in it that is a file or read-only,
+    and any of `files` (paths that will be written in it) that is a folder or read-only."""
+    if os.path.exists(path):
+        _check_folder_writable(path, what)
+    else:
+        _check_folder_writable(_existing_ancestor(path), what)
+    for folder in folders:
+        if os.path.exists(folder):
+            _check_folder_writable(folder, what)
+    for file in files:
+        if os.path.isdir(file):
+            raise UserError(f"{what}: {file} is a folder where a checkpoint file is to be written; remove it or "
+                            "choose another output folder")
+        if os.path.exists(file) and _read_only(file):
+            raise UserError(f"{what}: {file} is read-only; choose another output folder")
+        folder = os.path.dirname(file)
+        if os.path.exists(folder):
+            _check_folder_writable(folder, what)

@@ -255,10 +255,11 @@ def run_finetune(args):
     from mindspore.train import Model
     from visualglm import app, loss_curve
     from visualglm.dataset import build_finetune_dataset, dataset_file, read_dataset_json
+    from visualglm.fileio import check_output_dir
     from visualglm.lora import apply_lora
     from visualglm.processing import VisualGLMProcessor
     from visualglm.training import (CheckpointSaver, FinetuneLoss, TrainStep, TrainingMonitor, agreed_resume_step,
-                                    build_optimizer, check_output_dir, check_resume_settings,
+                                    build_optimizer, check_resume_settings,
                                     remove_stale_temporaries, resume_training_state, state_folder,
                                     trainable_checkpoint_path)
 

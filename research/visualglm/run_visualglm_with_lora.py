@@ -76,7 +76,7 @@ def input_files(args, lora_path):
 def check_merge_output(output, inputs):
     """Refuse an output that is one of the inputs (same real path, or the same file through a link), a folder,
     or not writable, before anything is built or written."""
-    from visualglm.training import check_output_file
+    from visualglm.fileio import check_output_file
     real = os.path.realpath(output)
     for path, what in inputs.items():
         same = os.path.realpath(path) == real

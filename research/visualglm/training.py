@@ -95,65 +95,6 @@ def build_optimizer(params, learning_rate, beta1=0.9, beta2=0.95, eps=1e-8, weig
 
 # ----- checkpoints -----
 
-def _read_only(path):
-    """Whether an existing path may not be written: no write permission for us, or no write bit at all (a
-    file chmod'ed read-only is read-only for root too, although root could write it)."""
-    import stat
-    return not os.access(path, os.W_OK) or not os.stat(path).st_mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH)
-
-
-def _existing_ancestor(path):
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    return folder
-
-
-def _check_folder_writable(folder, what):
-    if not os.path.isdir(folder):
-        raise UserError(f"{what}: {folder} is a file, not a folder; choose another path")
-    if _read_only(folder):
-        raise UserError(f"{what}: the folder {folder} is read-only; choose a writable location")
-    import tempfile
-    try:   # a read-only file system, a full quota, ...: try it (the probe is removed at once)
-        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
-        os.close(fd)
-        os.remove(probe)
-    except OSError as err:
-        raise UserError(f"{what}: cannot write in {folder} ({err.strerror or err}); choose a writable location") \
-            from None
-
-
-def check_output_file(path, what):
-    """Refuse, before anything is built, an output file path that is a folder, read-only, or inside a folder
-    that cannot be written (`what` names the option in the message)."""
-    if os.path.isdir(path):
-        raise UserError(f"{what}: {path} is a folder; give a file name, e.g. {os.path.join(path, 'merged.ckpt')}")
-    if os.path.exists(path) and _read_only(path):
-        raise UserError(f"{what}: {path} is read-only; choose another file")
-    _check_folder_writable(_existing_ancestor(path), what)
-
-
-def check_output_dir(path, what, files=(), folders=()):
-    """Refuse an output folder that is a file or read-only, any of `folders` in it that is a file or read-only,
-    and any of `files` (paths that will be written in it) that is a folder or read-only."""
-    if os.path.exists(path):
-        _check_folder_writable(path, what)
-    else:
-        _check_folder_writable(_existing_ancestor(path), what)
-    for folder in folders:
-        if os.path.exists(folder):
-            _check_folder_writable(folder, what)
-    for file in files:
-        if os.path.isdir(file):
-            raise UserError(f"{what}: {file} is a folder where a checkpoint file is to be written; remove it or "
-                            "choose another output folder")
-        if os.path.exists(file) and _read_only(file):
-            raise UserError(f"{what}: {file} is read-only; choose another output folder")
-        folder = os.path.dirname(file)
-        if os.path.exists(folder):
-            _check_folder_writable(folder, what)
-
 def atomic_save(save, path):
     """save(tmp_path) then rename: a failure or kill during the save never leaves a partial file at `path`, nor a
     temporary file beside it (fileio.atomic_write)."""

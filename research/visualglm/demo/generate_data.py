@@ -594,7 +594,8 @@ def write_examples(folder, size=224):
 
 
 def main(argv=None):
-    from visualglm.cli import non_negative_int, output_folder, positive_int
+    from visualglm.cli import non_negative_int, positive_int
+    from visualglm.fileio import check_output_dir
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--out", required=True, help="output folder (train/, heldout/, lora_train/, lora_heldout/)")
     parser.add_argument("--seed", type=non_negative_int, default=0)
@@ -605,9 +606,9 @@ def main(argv=None):
     parser.add_argument("--image_size", type=positive_int, default=IMAGE_SIZE, help=f"pixels (default {IMAGE_SIZE})")
     parser.add_argument("--examples", default=None, help="also draw the example images into this folder")
     args = parser.parse_args(argv)
-    output_folder(args.out)
+    check_output_dir(args.out, "--out")
     if args.examples:
-        output_folder(args.examples)
+        check_output_dir(args.examples, "--examples")
     counts = {split: getattr(args, split) for split in DEFAULT_COUNTS}
     written = generate(args.out, args.seed, counts, args.image_size, args.splits)
     for split, n in written.items():

@@ -513,7 +513,8 @@ def check_sizes(sizes):
 
 
 def main(argv=None):
-    from visualglm.cli import non_negative_int, output_folder
+    from visualglm.cli import non_negative_int
+    from visualglm.fileio import check_output_dir
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--out", default="output/visualglm_demo", help="work folder (data, stages, results)")
@@ -526,7 +527,7 @@ def main(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="experiments: stage1.learning_rate=1e-3, model.glm_layers=4, data.train=2000 ...")
     args = parser.parse_args(argv)
-    output_folder(args.out)
+    check_output_dir(args.out, "--out")
     overrides = parse_overrides(args.set)   # every mistake named before the data are drawn
     os.environ.setdefault("LOCAL_DEFAULT_PATH", os.path.join(os.path.abspath(args.out), "mindformers_log"))
     with sigterm_as_interrupt():   # a kill removes the file being written, like Ctrl-C
