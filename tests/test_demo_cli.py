@@ -42,7 +42,7 @@ def test_set_values_take_the_type_of_the_recipe_default():
     ("visoin.steps=5", "unknown section 'visoin'; expected one of vision, stage1, stage2, model, data"),
     ("vision.step=5", "--set vision.step=5: vision has no 'step'; expected one of steps, "),
     ("data.valid=5", "data has no 'valid'"),
-    ("model.patch_size=abc", "--set model.patch_size=abc: expected an integer, like the default 16"),
+    ("model.patch_size=abc", "--set model.patch_size=abc: expected an integer, like the default 12"),
     ("vision.steps=2.5", "expected an integer"),
     ("stage1.learning_rate=fast", "expected a number"),
     ("vision.augment=maybe", "expected true or false"),

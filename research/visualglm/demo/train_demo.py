@@ -41,7 +41,7 @@ SHIP_DIR = os.path.join(HERE, "weights")
 
 # The demo model: VisualGLM's architecture at a small size (fits the 25 MB budget in float32).
 MODEL = {
-    "image_size": 96, "patch_size": 16,
+    "image_size": 96, "patch_size": 12,
     "vit_hidden": 96, "vit_layers": 4, "vit_heads": 4,
     "qformer_hidden": 96, "qformer_layers": 2, "qformer_heads": 4, "query_length": 16,
     "glm_hidden": 128, "glm_layers": 3, "glm_heads": 4,
@@ -522,7 +522,7 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="a few steps on a tiny data set (a test)")
     parser.add_argument("--skip_eval", action="store_true")
     parser.add_argument("--stage1_only", action="store_true", help="experiments: stage 1 and its evaluation only")
-    parser.add_argument("--minutes_budget", type=float, default=100.0,
+    parser.add_argument("--minutes_budget", type=float, default=120.0,
                         help="warn when the run takes longer (the step counts are fixed, never cut by time)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="experiments: stage1.learning_rate=1e-3, model.glm_layers=4, data.train=2000 ...")
