@@ -1,6 +1,5 @@
 """Argument handling and start-up shared by every script."""
 import argparse
-import os
 import sys
 
 from visualglm.errors import UserError
