@@ -88,8 +88,9 @@ def _shipped(model, split):
 
 def test_the_shipped_model_on_fresh_images(tmp_path):
     """evaluate.py on FRESH_IMAGES newly generated held-out scenes (every variation, chats with history): the
-    issue's bars the shipped model meets hold on them (colour >= 95 %, follow-ups >= 90 %, small talk, in each
-    language), and shape, count and description stay within FRESH_TOLERANCE of the shipped table."""
+    bars with room to spare hold on them (colour >= 95 %, follow-ups >= 90 %, small talk, in each language), and
+    shape, count and description, which meet their bars on the shipped held-out seed with little margin, stay
+    within FRESH_TOLERANCE of the shipped table."""
     out = tmp_path / "fresh.json"
     _run_module("evaluate.py", "--config", DEMO_YAML, "--seed", str(FRESH_SEED), "--images", str(FRESH_IMAGES),
                 "--json", str(out))
@@ -107,8 +108,8 @@ def test_the_shipped_model_on_fresh_images(tmp_path):
 @pytest.mark.slow   # about 65 s; test_the_shipped_lora_teaches_the_star runs the LoRA by default
 def test_the_star_lora_on_fresh_images(tmp_path):
     """The shipped star LoRA on fresh scenes: the share of star-free images for which some answer names a star,
-    and the accuracy on the answers that should name the star, stay near the shipped figures (both short of the
-    issue's bars: <= 2 % and >= 95 %)."""
+    and the accuracy on the answers that should name the star, stay near the shipped figures (which meet the
+    issue's bars, <= 2 % and >= 95 %, on the shipped held-out seed only at the edge)."""
     lora_args = ("--config", DEMO_LORA_YAML, "--lora_checkpoint", LORA, "--seed", str(FRESH_SEED))
     _run_module("evaluate.py", *lora_args, "--images", str(FRESH_IMAGES), "--json", str(tmp_path / "base.json"))
     stars = json.loads((tmp_path / "base.json").read_text(encoding="utf-8"))["star_free_images"]
